@@ -26,7 +26,7 @@ from sharpbench.optim import first_pass_updates_bn, frozen_bn_stats
 from sharpbench.optim.factory import build_optimizer
 from sharpbench.optim.imbalanced import split_loss, tail_class_mask
 
-CONF = "conf/optimizer"
+CONF = "sharpbench/conf/optimizer"
 
 
 def sync(device: torch.device) -> None:

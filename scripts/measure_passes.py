@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from sharpbench.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "sharpbench" / "conf"
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from sharpbench.models import build_model
 from sharpbench.optim.factory import build_optimizer
 from sharpbench.schedule import build_scheduler, check_schedule
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "sharpbench" / "conf"
 
 
 def options(group):

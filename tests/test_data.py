@@ -342,7 +342,7 @@ def test_bad_settings_say_what_to_change(settings, pattern):
         DataConfig.from_kwargs(settings)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "conf" / "dataset").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sharpbench" / "conf" / "dataset").glob("*.yaml")))
 def test_dataset_config_files_are_accepted(path):
     from omegaconf import OmegaConf
 

@@ -6,7 +6,7 @@ import pytest
 
 from sharpbench.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "sharpbench" / "conf"
 METHODS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
 # (nominal passes per step, tolerance): measured by the module's closure counter
 EXTRA = {"imb_sam": ["dataset.imbalance_factor=10"]}

@@ -20,7 +20,7 @@ from sharpbench.optim.a2sam import ellipsoid_inverse_apply
 from sharpbench.optim.factory import build_optimizer
 
 DT = torch.float64
-CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+CONF = Path(__file__).resolve().parents[1] / "sharpbench" / "conf" / "optimizer"
 
 
 # ------------------------------------------------------------------------------ the problem

@@ -20,7 +20,7 @@ from sharpbench.optim.factory import build_optimizer
 DT = torch.float64
 LR, MOM, WD = 0.1, 0.9, 5e-4
 SGD_KW = dict(lr=LR, momentum=MOM, weight_decay=WD)
-CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+CONF = Path(__file__).resolve().parents[1] / "sharpbench" / "conf" / "optimizer"
 CLASS_COUNTS = torch.tensor([100, 5, 50, 3])      # classes 1 and 3 are tail for threshold 10
 THRESHOLD = 10
 

@@ -280,7 +280,7 @@ def test_ddp_job_children_run_only_their_own_job(tmp_path):
     """Two DDP jobs (2 CPU ranks, gloo) in one process: each starts its own rank 1; the sweep is
     launched once; the second job does not reuse the first one's environment or group."""
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER % str(ROOT / "conf"))
+    driver.write_text(DRIVER % str(ROOT / "sharpbench" / "conf"))
     cmd = [sys.executable, str(driver), "-m", *TINY, "optimizer=sgd", "seed=0,1",
            "trainer.strategy=ddp", "trainer.devices=2", f"hydra.sweep.dir={tmp_path / 'ddp'}"]
     out = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks
+from . import checks, compose_guard
 from .data import CIFARDataModule
 from .ddp_launch import sweep_job_scope
 from .gpu_pool import pin_gpu_for_this_process
@@ -72,13 +72,13 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """Run (or resume, or skip) one training run in ``run_dir``; returns its metrics record."""
     started = time.time()
     overrides = list(overrides or [])
+    checks.check_config(cfg)  # every key against the schema, before anything else reads it
     ident = identity(cfg)
     previous = read_metrics(run_dir)
     if previous and previous.get("status") == "completed" and previous.get("config_hash") == config_hash(ident):
         log.info("skipping %s: already completed (metrics.json, same config)", run_dir)
         return previous
 
-    checks.check_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     precision = resolve_precision(cfg.trainer.precision)
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -192,6 +192,10 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+compose_guard.install()  # Hydra's own failures (unknown key/option) become invalid_config records
+
+
+@compose_guard.entry_point  # --help from the schema; composition failures recorded, exit 2
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
@@ -203,6 +207,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         pin_gpu_for_this_process(sweep.get("gpu_pool"), HydraConfig.get().sweep.dir,
                                  sweep.get("jobs_per_gpu", 1))
     try:
+        compose_guard.raise_if_failed(cfg)  # a command line Hydra could not compose
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
             record = train(cfg, run_dir, task_overrides())
         if record.get("status") == "diverged" and not multirun:

@@ -87,7 +87,7 @@ class DataConfig:
         self.root = None if self.root is None else str(self.root)
         if self.name == "synthetic":
             self.num_classes = 10 if self.num_classes is None else self.num_classes
-            _check_int("num_classes", self.num_classes, 1)
+            _check_int("num_classes", self.num_classes, 2)
             _check_int("num_train", self.num_train, 1)
             _check_int("num_test", self.num_test, 1)
         elif self.num_classes is not None and self.num_classes != CIFAR_NUM_CLASSES[self.name]:

@@ -7,6 +7,10 @@ Order of operations (each step seeded from ``seed``)::
 
 Validation images are held out before the subset and the noise, so they keep clean labels and the
 long-tailed class profile of the training pool.
+
+Sanity, before any training: a long-tail factor that would leave a class without images, a
+subset larger than the data it is drawn from, and a training set missing a class are errors
+(:class:`DataConfigError`) naming the sizes involved.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Any
 import torch
 
 from sharpbench.data.config import DataConfig
+from sharpbench.data.errors import DataConfigError
 from sharpbench.data.loader import DeviceLoader
 from sharpbench.data.sources import load_raw
 from sharpbench.data.stats import CIFAR_STATS, channel_stats
 from sharpbench.data.transforms import (
     add_label_noise,
     class_counts,
+    long_tail_counts,
     long_tail_indices,
     split_validation,
     stratified_subset,
@@ -78,7 +84,9 @@ def build_splits(config: DataConfig | Mapping[str, Any] | None = None, **overrid
     )
     c = raw.num_classes
     x, y = raw.train_x, raw.train_y
+    require_every_class(y, c, raw.class_names, f"the {cfg.name} training data")
     if cfg.imbalance_factor is not None and cfg.imbalance_factor > 1:
+        check_long_tail(y, c, cfg.imbalance_factor)
         keep, _ = long_tail_indices(y, c, cfg.imbalance_factor, cfg.seed)
         x, y = x[keep], y[keep]
     val_x = val_y = None
@@ -86,12 +94,16 @@ def build_splits(config: DataConfig | Mapping[str, Any] | None = None, **overrid
         train_idx, val_idx = split_validation(len(y), cfg.val_split, cfg.seed)
         val_x, val_y = x[val_idx], y[val_idx]
         x, y = x[train_idx], y[train_idx]
-    if cfg.train_subset is not None and cfg.train_subset < len(y):
+        require_every_class(y, c, raw.class_names, f"the training set left by dataset.val_split={cfg.val_split}")
+    if cfg.train_subset is not None:
+        check_subset_size("train_subset", cfg.train_subset, len(y), _train_pool(cfg))
         keep = stratified_subset(y, c, cfg.train_subset, cfg.seed, tag="train_subset")
         x, y = x[keep], y[keep]
+        require_every_class(y, c, raw.class_names, f"dataset.train_subset={cfg.train_subset}")
     noisy, mask = add_label_noise(y, c, cfg.label_noise, cfg.seed)
     test_x, test_y = raw.test_x, raw.test_y
-    if cfg.test_subset is not None and cfg.test_subset < len(test_y):
+    if cfg.test_subset is not None:
+        check_subset_size("test_subset", cfg.test_subset, len(test_y), f"the {cfg.name} test set")
         keep = stratified_subset(test_y, c, cfg.test_subset, cfg.seed, tag="test_subset")
         test_x, test_y = test_x[keep], test_y[keep]
     mean, std = CIFAR_STATS[cfg.name] if cfg.name in CIFAR_STATS else channel_stats(raw.train_x)
@@ -100,6 +112,48 @@ def build_splits(config: DataConfig | Mapping[str, Any] | None = None, **overrid
         num_classes=c, class_names=raw.class_names, mean=tuple(mean), std=tuple(std),
         train_class_counts=class_counts(y, c), train_y_clean=y, train_noise_mask=mask,
     )
+
+
+def _train_pool(cfg: DataConfig) -> str:
+    steps = [s for s, on in (("the long tail", cfg.imbalance_factor and cfg.imbalance_factor > 1),
+                             ("the validation split", bool(cfg.val_split))) if on]
+    return f"the {cfg.name} training set" + (f" after {' and '.join(steps)}" if steps else "")
+
+
+def check_subset_size(key: str, n: int, available: int, pool: str) -> None:
+    """A subset larger than the data would silently mean "all of it": refuse it."""
+    if n > available:
+        raise DataConfigError(
+            f"dataset.{key}={n} is larger than {pool}, which has {available} images: use "
+            f"dataset.{key}={available} or fewer, or dataset.{key}=null for all of them."
+        )
+
+
+def check_long_tail(y: torch.Tensor, num_classes: int, imbalance_factor: float) -> None:
+    """Refuse a long-tail factor whose smallest class would have no image."""
+    n_max = int(class_counts(y, num_classes).max())
+    smallest = min(long_tail_counts(n_max, num_classes, imbalance_factor))
+    if smallest < 1:
+        raise DataConfigError(
+            f"dataset.imbalance_factor={imbalance_factor:g} would leave the smallest class with "
+            f"{smallest} training images ({n_max}/{imbalance_factor:g} = {n_max / imbalance_factor:.3g}); "
+            f"every class needs at least one. Use dataset.imbalance_factor={n_max} or less "
+            f"(e.g. 100: {n_max} down to {n_max // 100} images per class)."
+        )
+
+
+def require_every_class(y: torch.Tensor, num_classes: int, class_names: list[str], cause: str) -> None:
+    """Every class must have at least one training image, or its accuracy means nothing."""
+    counts = class_counts(y, num_classes)
+    empty = [class_names[i] if i < len(class_names) else str(i) for i in range(num_classes) if counts[i] == 0]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise DataConfigError(
+            f"{cause} leaves {len(empty)} of {num_classes} classes without a training image "
+            f"({shown}; smallest class size {int(counts.min())}, largest {int(counts.max())}): "
+            f"every class must be present. Keep more images (e.g. a larger dataset.train_subset, "
+            f"a smaller dataset.val_split or dataset.imbalance_factor)."
+        )
 
 
 def make_loaders(

@@ -1,0 +1,561 @@
+"""The typed schema of the whole config: every key of every group, what it accepts, what it means.
+
+One key is one line, ``"max_epochs": Key("int >= 1", "epochs to train")``. The YAML files under
+``conf/`` hold the defaults; this module says which keys exist and what values they take, and
+:mod:`sharpbench.checks` applies it (plus the rules that relate several keys) before anything runs.
+
+Accepted values are written in a small language, alternatives joined by `` | ``:
+
+- ``int``, ``float`` (an int is accepted too), optionally with a range: ``int >= 1``,
+  ``float > 0``, ``float in [0, 1)``;
+- ``bool``, ``str``, ``dict``, ``any``, ``null`` (the YAML ``null``: "not set");
+- ``list[<one alternative>]``, optionally ``of N`` items: ``list[float in [0, 1)] of 2``;
+- anything else is a literal value: ``auto | cpu | gpu | cuda``, ``-1``.
+
+Groups whose keys are the parameters of a constructor (``optimizer``: the method's class and its
+base optimizer's; ``model``: the model builder) take their key *set* from the constructor's
+signature, so a parameter added to the code is accepted without editing this file; the tables
+below give those keys their accepted values and meanings (``tests/test_schema.py`` requires an
+entry for every key a YAML file sets). A key the code reads but no constructor takes (``name``,
+``base``, SSAM-F's ``fisher_batch_size``) is listed with the options that use it.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+# ---------------------------------------------------------------------------------------------
+# The value language
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One alternative of a spec: a type with an optional range, or a literal."""
+
+    kind: str                      # int float bool str dict any null list literal
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    literal: str = ""
+    item: "Alternative | None" = None
+    length: int | None = None
+
+    def type_ok(self, v: Any) -> bool:
+        if self.kind == "any":
+            return True
+        if self.kind == "null":
+            return v is None
+        if v is None:
+            return False
+        if self.kind == "int":
+            return isinstance(v, int) and not isinstance(v, bool)
+        if self.kind == "float":
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "str":
+            return isinstance(v, str)
+        if self.kind == "dict":
+            return isinstance(v, Mapping)
+        if self.kind == "list":
+            return (isinstance(v, Sequence) and not isinstance(v, str)
+                    and all(self.item.type_ok(x) for x in v))
+        return not isinstance(v, (bool, Mapping, list, tuple)) and str(v) == self.literal
+
+    def range_ok(self, v: Any) -> bool:
+        if self.kind == "list":
+            return ((self.length is None or len(v) == self.length)
+                    and all(self.item.range_ok(x) for x in v))
+        if self.kind not in ("int", "float"):
+            return True
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        above = v > self.low if self.low_open else v >= self.low
+        below = v < self.high if self.high_open else v <= self.high
+        return above and below
+
+    def example(self) -> Any:
+        """A value this alternative accepts (for messages)."""
+        if self.kind == "literal":
+            return self.literal
+        if self.kind in ("int", "float"):
+            lo = 0 if self.low == -math.inf else self.low
+            if self.high != math.inf and (self.high_open or self.low_open):
+                return (lo + self.high) / 2 if self.kind == "float" else int(lo) + 1
+            step = 1 if self.kind == "int" else 0.1
+            value = lo + step if self.low_open else lo
+            return int(value) if self.kind == "int" else value
+        if self.kind == "list":
+            n = self.length or 2
+            return [self.item.example()] * n
+        return {"bool": True, "str": "name", "null": None, "dict": {}, "any": None}[self.kind]
+
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf)"
+_OPS = re.compile(rf"^(int|float)\s*(>=|>|<=|<)\s*({_NUMBER})$")
+_INTERVAL = re.compile(rf"^(int|float)\s+in\s+([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])$")
+
+
+def parse_alternative(text: str) -> Alternative:
+    text = text.strip()
+    if text in ("int", "float", "bool", "str", "dict", "any", "null"):
+        return Alternative(text)
+    if text.startswith("list[") and "]" in text:
+        close = text.rindex("]")
+        rest = text[close + 1:].strip()
+        length = int(rest[3:]) if rest.startswith("of ") else None
+        return Alternative("list", item=parse_alternative(text[5:close]), length=length)
+    m = _OPS.match(text)
+    if m:
+        kind, op, num = m.group(1), m.group(2), float(m.group(3))
+        if op.startswith(">"):
+            return Alternative(kind, low=num, low_open=op == ">")
+        return Alternative(kind, high=num, high_open=op == "<")
+    m = _INTERVAL.match(text)
+    if m:
+        return Alternative(m.group(1), low=float(m.group(3)), high=float(m.group(4)),
+                           low_open=m.group(2) == "(", high_open=m.group(5) == ")")
+    if text.split()[0] in ("int", "float", "list"):
+        raise ValueError(f"cannot parse the value spec {text!r}")
+    return Alternative("literal", literal=text)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A config key: the values it accepts (``spec``, see the module docstring) and its meaning.
+
+    ``options``: the group options that use the key (``None``: every option)."""
+
+    spec: str
+    meaning: str
+    options: tuple[str, ...] | None = None
+    alternatives: tuple[Alternative, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        alts = tuple(parse_alternative(a) for a in self.spec.split(" | "))
+        object.__setattr__(self, "alternatives", alts)
+
+    def problem(self, value: Any) -> str | None:
+        """``None`` if ``value`` is accepted, else ``"type"`` or ``"range"``."""
+        typed = [a for a in self.alternatives if a.type_ok(value)]
+        if any(a.range_ok(value) for a in typed):
+            return None
+        return "range" if typed else "type"
+
+    def example(self) -> Any:
+        for alt in self.alternatives:
+            if alt.kind != "null":
+                return alt.example()
+        return None
+
+    @property
+    def choices(self) -> list[str]:
+        """The literal values, when the key takes nothing else (e.g. a name)."""
+        if all(a.kind in ("literal", "null") for a in self.alternatives):
+            return [a.literal if a.kind == "literal" else "null" for a in self.alternatives]
+        return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The groups
+
+TOP = {
+    "seed": Key("int in [0, 4294967295]", "seeds model initialisation, data order, augmentation and every random choice"),
+    "ckpt_path": Key("null | str", "null: start fresh; last: resume <run dir>/checkpoints/last.ckpt; or a .ckpt path"),
+    "label_smoothing": Key("float in [0, 1)", "label smoothing of the cross-entropy (0.1 in the paper's Table 1 recipe)"),
+    "run_name": Key("str", "name of the run folder (default <method>-<dataset>-<model>-seed<seed>)"),
+    "sweep_name": Key("str", "name of the sweep folder under outputs/sweeps/"),
+    "rho_by_method": Key("dict", "experiment=table1_full: rho per method (null: the method has no radius)"),
+}
+
+SWEEP = {
+    "gpu_pool": Key("null | list[any] | str", "hydra/launcher=local_parallel: GPU ids (or \"0,1\" groups) the workers share, e.g. [0,1,2,3]"),
+    "jobs_per_gpu": Key("int >= 1", "workers per GPU of gpu_pool (set hydra.launcher.n_jobs = len(gpu_pool) x jobs_per_gpu)"),
+    "objective": Key("null | str", "metrics.json key a job returns to an optimising sweeper (e.g. test_acc)"),
+}
+
+TRAINER = {
+    "accelerator": Key("auto | cpu | gpu | cuda", "where to train; auto: a CUDA GPU when one is visible, else the CPU"),
+    "devices": Key("int >= 1 | -1 | auto | list[int >= 0]", "devices per node (-1: all visible), or a list of GPU ids"),
+    "num_nodes": Key("int >= 1", "nodes (DDP across nodes)"),
+    "strategy": Key("auto | ddp | ddp_spawn", "distribution strategy; ddp: one process per device"),
+    "precision": Key("auto | 32 | 32-true | bf16-mixed | 16-mixed", "auto: bf16-mixed on a GPU that supports it, else 32; applied by the sharpbench module"),
+    "max_epochs": Key("int >= 1", "epochs to train"),
+    "gradient_clip_val": Key("null | float >= 0", "clip the gradient's global L2 norm to this value (0 or null: off)"),
+    "log_every_n_steps": Key("int >= 1", "log the training loss (and check for divergence) every this many steps"),
+    "check_val_every_n_epoch": Key("int >= 1", "evaluate on validation/test every this many epochs"),
+    "limit_train_batches": Key("null | int >= 1 | float in (0, 1]", "train on this many batches per epoch (int) or this fraction of them (float); null: all"),
+    "limit_val_batches": Key("null | int >= 0 | float in [0, 1]", "validation batches per evaluation (int) or fraction (float); null: all"),
+    "limit_test_batches": Key("null | int >= 1 | float in (0, 1]", "test batches (int) or fraction (float); null: all"),
+    "checkpoint_every_n_steps": Key("null | int >= 0", "also save last.ckpt every this many steps, to resume mid-epoch after a kill (0 or null: at epoch ends only)"),
+    "deterministic": Key("bool", "deterministic algorithms (bit-identical resume on CPU; slower on GPU)"),
+    "compile": Key("bool", "torch.compile the model's forward"),
+    "channels_last": Key("bool", "channels_last memory format (CUDA only)"),
+    "sync_perturbation": Key("bool", "DDP: average the first-pass gradient before perturbing (false: each device perturbs with its own, SAM's m-sharpness)"),
+    "enable_progress_bar": Key("bool", "show the progress bar"),
+}
+
+CIFAR = ("cifar10", "cifar100")  # dataset options read from disk
+DATASET = {
+    "name": Key("cifar10 | cifar100 | synthetic", "the dataset"),
+    "root": Key("null | str", "folder holding the data (python format: the folder containing cifar-10-batches-py/; folder format: train/ and test/); null only for synthetic"),
+    "download": Key("bool", "download the official archive when it is missing (python format)"),
+    "format": Key("python | folder", "python: torchvision's pickle archive; folder: train/<class>/*.png|jpg, test/<class>/*"),
+    "train_subset": Key("null | int >= 1", "keep this many training images (stratified by class, seeded); null: all"),
+    "test_subset": Key("null | int >= 1", "keep this many test images (stratified, seeded); null: all"),
+    "val_split": Key("null | int >= 0 | float in [0, 1)", "hold out part of the training set for validation: a fraction (0.1) or a count (5000); 0/null: none"),
+    "imbalance_factor": Key("null | float >= 1", "long-tailed training set, largest/smallest class size (Cao et al. 2019), e.g. 100; null: balanced"),
+    "label_noise": Key("float in [0, 1)", "fraction of training labels replaced by a different, uniformly drawn class"),
+    "num_classes": Key("int >= 2", "classes of the synthetic data", options=("synthetic",)),
+    "num_train": Key("int >= 1", "training images of the synthetic data", options=("synthetic",)),
+    "num_test": Key("int >= 1", "test images of the synthetic data", options=("synthetic",)),
+    "cache": Key("bool", "cache decoded images as a uint8 tensor file (decode once)", options=CIFAR),
+    "cache_dir": Key("null | str", "where the cache goes (null: <root>/.sharpbench_cache)", options=CIFAR),
+    "decode_workers": Key("null | int >= 0", "processes decoding an image folder (null: up to 8; 0 or 1: in this process)", options=CIFAR),
+    "batch_size": Key("int >= 1", "training batch size per device"),
+    "eval_batch_size": Key("null | int >= 1", "evaluation batch size per device (null: batch_size)"),
+    "augment": Key("bool", "random crop (4 px padding) and horizontal flip of training images"),
+}
+
+SCHEDULE = {
+    "name": Key("multistep | cosine | constant", "learning-rate schedule (a multiplier of optimizer.lr)"),
+    "warmup_epochs": Key("float >= 0", "linear warm-up from lr/steps to lr over this many epochs (before the schedule)"),
+    "milestones": Key("list[float >= 0]", "epochs at which lr is multiplied by gamma", options=("multistep",)),
+    "gamma": Key("float in (0, 1]", "factor applied to lr at each milestone", options=("multistep",)),
+    "min_lr_ratio": Key("float in [0, 1]", "final lr as a fraction of lr", options=("cosine",)),
+}
+
+LOGGER = {
+    "name": Key("csv | wandb | tensorboard | none", "where metrics go besides metrics.json (the CSV log is always kept)"),
+    "project": Key("str", "Weights & Biases project", options=("wandb",)),
+    "group": Key("null | str", "Weights & Biases group", options=("wandb",)),
+    "offline": Key("bool", "Weights & Biases offline mode (or WANDB_MODE=offline)", options=("wandb",)),
+    "tags": Key("list[str]", "Weights & Biases tags", options=("wandb",)),
+    "run_name": Key("null | str", "Weights & Biases run name", options=("wandb",)),
+}
+
+MODEL = {
+    "name": Key("resnet18 | preact_resnet18 | wrn28_10 | tiny_cnn", "the network"),
+    "dropout": Key("float in [0, 1)", "dropout rate between the convolutions of a wide block"),
+    "width": Key("int >= 1", "channels of the first convolution"),
+}
+
+# Keys of the optimizer group. Which of them a method accepts comes from its constructor and its
+# base optimizer's; "<method>.<key>" entries describe a key whose meaning depends on the method.
+OPTIMIZER = {
+    "name": Key("sgd | adam | adamw | rmsprop | sam | asam | friendly_sam | ssam_f | ssam_d | imb_sam | gsam | a2sam | xsam | hatam", "the method"),
+    "base": Key("sgd | adam | adamw | rmsprop", "the base optimizer taking the step with the method's gradient"),
+    "lr": Key("float > 0", "learning rate of the step actually taken (the base step)"),
+    "weight_decay": Key("float >= 0", "weight decay of the base step (L2 for sgd/adam/rmsprop, decoupled for adamw/hatam)"),
+    "momentum": Key("float in [0, 1)", "momentum of the base step"),
+    "nesterov": Key("bool", "Nesterov momentum (sgd)"),
+    "dampening": Key("float in [0, 1]", "momentum dampening (sgd)"),
+    "betas": Key("list[float in [0, 1)] of 2", "decay rates of Adam's first and second moment estimates"),
+    "eps": Key("float >= 0", "term added to the denominator for numerical stability"),
+    "alpha": Key("float in [0, 1)", "smoothing constant of RMSprop's squared-gradient average"),
+    "centered": Key("bool", "centred RMSprop (normalise by the variance estimate)"),
+    "amsgrad": Key("bool", "AMSGrad variant of Adam/AdamW"),
+    "rho": Key("float > 0", "neighbourhood radius: the perturbation has norm rho"),
+    "p": Key("float >= 1 | inf", "SAM's l_p neighbourhood (2: the standard ball; inf: the box)"),
+    "eta": Key("float >= 0", "ASAM: T = |w| + eta, the scale of the adaptive neighbourhood"),
+    "adaptive": Key("bool", "ASAM: scale the neighbourhood by |w| (false: plain SAM)"),
+    "adaptive_params": Key("all | weights", "ASAM: scale every parameter (all, the formula) or only those named *weight* (the authors' code)", options=("asam",)),
+    "sigma": Key("float >= 0", "FriendlySAM: weight of the gradient EMA removed from the batch gradient"),
+    "lmbda": Key("float in [0, 1)", "FriendlySAM: EMA factor of the batch gradients"),
+    "sparsity": Key("float in [0, 1)", "SSAM: fraction of coordinates NOT perturbed"),
+    "update_interval": Key("int >= 1", "SSAM: steps between mask updates (K)"),
+    "num_samples": Key("int >= 1", "SSAM-F: training samples of the Fisher estimate per mask update (n_s)"),
+    "fisher_batch_size": Key("int >= 1", "SSAM-F: samples per Fisher backward pass (1: the exact per-sample empirical Fisher)", options=("ssam_f",)),
+    "drop_rate": Key("float in [0, 1]", "SSAM-D: fraction of active mask coordinates dropped (and as many grown) per update"),
+    "seed": Key("int >= 0", "SSAM-D: seed of the initial mask and the random growth"),
+    "class_threshold": Key("float >= 0", "ImbSAM: a class with at most this many training images is a tail class"),
+    "gsam_alpha": Key("float >= 0", "GSAM: weight of the orthogonal gradient component removed from the step"),
+    "rho_min": Key("null | float >= 0", "GSAM: with it, rho follows the lr from rho_min to rho (null: constant rho)"),
+    "lr_max": Key("null | float > 0", "GSAM: lr at which rho reaches its maximum (null: the initial lr)"),
+    "lr_min": Key("float >= 0", "GSAM: lr at which rho reaches rho_min"),
+    "k": Key("int >= 1", "A2SAM: top Hessian eigenpairs shaping the ellipsoid"),
+    "interval": Key("int >= 1", "A2SAM: steps between eigen-solves"),
+    "lanczos_iters": Key("int >= 1", "A2SAM: Lanczos iterations (Hessian-vector products) per eigen-solve"),
+    "freq": Key("int >= 1", "X-SAM: steps between refreshes of the top Hessian eigenvector"),
+    "power_iters": Key("int >= 1", "X-SAM: power iterations (Hessian-vector products) per refresh"),
+    "beta_c": Key("float in [0, 1)", "HATAM: EMA factor of the gradient differences"),
+    "gamma": Key("float >= 0", "HATAM: weight of the curvature correction (0: AdamW)"),
+    "modulator": Key("tensor | global", "HATAM: normalise the modulator per tensor or over all parameters"),
+    "a2sam.alpha": Key("float >= 0", "A2SAM: anisotropy, A = I + alpha * V Lambda V^T"),
+    "xsam.alpha": Key("float >= 0", "X-SAM: fraction of the perturbed gradient's component along the top eigenvector removed"),
+    "gsam.alpha": Key("null | float in [0, 1)", "RMSprop's smoothing constant when GSAM's base is rmsprop (GSAM's own weight is gsam_alpha)"),
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A config group: its key table and, for constructor-defined groups, where its keys come from.
+
+    ``members(option, node)``: the key names the option accepts (None: the table's keys for that
+    option). ``extras``: whether ``+group.key=...`` may add keys nobody declared."""
+
+    keys: dict[str, Key]
+    members: Callable[[str | None, Mapping], set[str]] | None = None
+    extras: bool = False
+    named: bool = True          # the node's ``name`` key is its option
+
+    def key(self, name: str, option: str | None) -> Key | None:
+        return self.keys.get(f"{option}.{name}") or self.keys.get(name)
+
+    def accepted(self, option: str | None, node: Mapping) -> dict[str, Key]:
+        """Every key the option accepts, with its spec."""
+        if self.members is None:
+            return {k: v for k, v in self.keys.items()
+                    if "." not in k and (v.options is None or option in v.options)}
+        out = {}
+        for name in sorted(self.members(option, node)):
+            out[name] = self.key(name, option) or inferred_key(name, option)
+        return out
+
+
+def _parameters(fn: Any, skip: Sequence[str] = ("self", "params", "base_optimizer")) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn)
+    return {n: p for n, p in sig.parameters.items()
+            if n not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+@lru_cache(maxsize=None)
+def constructor_of(group: str, option: str | None, base: str | None = None) -> dict[str, tuple[str, Any]]:
+    """``{parameter: (owner, default)}`` of the constructor(s) behind a group option."""
+    out: dict[str, tuple[str, Any]] = {}
+    if group == "model":
+        from .models import MODELS
+        if option in MODELS:
+            fn = MODELS[option]
+            for n, p in _parameters(fn, ("num_classes",)).items():
+                out[n] = (f"sharpbench.models.{fn.__name__}", p.default)
+        return out
+    from .optim import METHODS
+    from .optim.factory import BASE_OPTIMIZERS
+    if option not in METHODS:
+        return out
+    cls = METHODS[option]
+    takes_base = cls is None or getattr(cls, "takes_base_optimizer", True)
+    base_cls = BASE_OPTIMIZERS.get(base or (option if cls is None else "sgd")) if takes_base else None
+    for owner in (base_cls, cls):
+        if owner is not None:
+            for n, p in _parameters(owner).items():
+                out[n] = (_qualified(owner), p.default)
+    return out
+
+
+def _qualified(cls: type) -> str:
+    module = cls.__module__
+    if module.startswith(("torch.optim.", "sharpbench.optim.")):
+        module = module.rsplit(".", 1)[0]
+    return f"{module}.{cls.__qualname__}"
+
+
+def inferred_key(name: str, option: str | None, owner_default: tuple[str, Any] | None = None) -> Key:
+    """A key with no table entry (e.g. torch's ``foreach``): its type from its default value."""
+    owner, default = owner_default or ("the constructor", inspect.Parameter.empty)
+    kind = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int)
+            else "float" if isinstance(default, float) else "str" if isinstance(default, str)
+            else "any")
+    if owner.startswith("torch."):  # the same meaning for every torch base optimizer
+        return Key(kind, "passed to the torch.optim base optimizer (see its documentation)")
+    return Key(kind, f"argument {name!r} of {owner}")
+
+
+def optimizer_members(option: str | None, node: Mapping) -> set[str]:
+    from .optim import METHODS
+    names = {"name"}
+    if option not in METHODS:
+        return names
+    cls = METHODS[option]
+    if cls is None or getattr(cls, "takes_base_optimizer", True):
+        names.add("base")
+    names |= set(constructor_of("optimizer", option, _base(option, node)))
+    names |= {k for k, v in OPTIMIZER.items() if v.options and option in v.options}
+    names |= set(yaml_defaults("optimizer", option))
+    return names
+
+
+def _base(option: str | None, node: Mapping) -> str | None:
+    base = node.get("base") if isinstance(node, Mapping) else None
+    return str(base) if isinstance(base, str) else None
+
+
+def model_members(option: str | None, node: Mapping) -> set[str]:
+    return {"name"} | set(constructor_of("model", option))
+
+
+GROUPS: dict[str, Group] = {
+    "optimizer": Group(OPTIMIZER, members=optimizer_members),
+    "model": Group(MODEL, members=model_members),
+    "dataset": Group(DATASET),
+    "schedule": Group(SCHEDULE),
+    "trainer": Group(TRAINER, named=False),
+    "logger": Group(LOGGER),
+    "sweep": Group(SWEEP, named=False),
+}
+# Top-level nodes that are not ours to check.
+FOREIGN = ("hydra",)
+
+
+def option_of(group: str, node: Any) -> str | None:
+    if group in GROUPS and GROUPS[group].named and isinstance(node, Mapping):
+        name = node.get("name")
+        return str(name) if name is not None else None
+    return None
+
+
+def accepted_keys(group: str, node: Mapping) -> dict[str, Key]:
+    """Every key the group's selected option accepts, with its spec (``group=""``: top level)."""
+    if group == "":
+        return dict(TOP)
+    g = GROUPS[group]
+    option = option_of(group, node)
+    keys = g.accepted(option, node)
+    if g.members is not None:  # constructor-defined: infer what no table describes
+        params = constructor_of(group, option, _base(option, node)) if group in ("optimizer", "model") else {}
+        for name in keys:
+            if g.key(name, option) is None:
+                keys[name] = inferred_key(name, option, params.get(name))
+    return keys
+
+
+def known_anywhere(group: str, name: str) -> bool:
+    """Whether some option of the group takes ``name`` (table1_full sets ``rho: null`` for SGD)."""
+    return name in GROUPS[group].keys
+
+
+def options_using(group: str, name: str) -> list[str]:
+    """The options of ``group`` that accept the key ``name``."""
+    if group not in GROUPS:
+        return []
+    out = []
+    for option in group_options(group):
+        node = {**yaml_defaults(group, option), "name": option} if GROUPS[group].named else {}
+        if name in accepted_keys(group, node):
+            out.append(option)
+    return out
+
+
+def did_you_mean(name: str, candidates: Sequence[str]) -> str | None:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults, from the YAML files
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group (its YAML files)."""
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+@lru_cache(maxsize=None)
+def _yaml(group: str, option: str) -> dict:
+    from omegaconf import OmegaConf
+    path = CONF_DIR / group / f"{option}.yaml" if group else CONF_DIR / "train.yaml"
+    if not path.is_file():
+        return {}
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    merged: dict = {}
+    for entry in node.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry != "_self_":
+            merged.update(_yaml(group, entry))
+    merged.update(node)
+    return merged
+
+
+def yaml_defaults(group: str, option: str | None) -> dict:
+    """The keys and default values the option's YAML file sets (its ``defaults`` list included)."""
+    if group in GROUPS and not GROUPS[group].named:
+        return dict(_yaml("", "train").get(group) or {}) if group == "sweep" else _yaml(group, option or "default")
+    return dict(_yaml(group, option)) if option else {}
+
+
+def example_value(group: str, option: str | None, name: str, key: Key | None) -> Any:
+    """A value to show in an example override: the YAML default when it is valid, else one the spec accepts."""
+    default = (_yaml("", "train") if group == "" else yaml_defaults(group, option)).get(name)
+    if key is None:
+        return default
+    if default is not None and not (isinstance(default, str) and "${" in default) and key.problem(default) is None:
+        return default
+    return key.example()
+
+
+def format_value(value: Any) -> str:
+    """A value as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value) if abs(value) >= 1e-3 or value == 0 else f"{value:g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# --help
+
+
+def render_help(cfg: Mapping, choices: Mapping[str, str] | None = None) -> str:
+    """Every group's options and keys with accepted values and meanings, for the composed ``cfg``."""
+    choices = dict(choices or {})
+    lines = ["sharpbench: train one model with one optimizer (Hydra configs).",
+             "",
+             "  python -m sharpbench.train [group=option ...] [group.key=value ...]",
+             "  python -m sharpbench.train -m <sweep overrides>      (a sweep: one job per combination)",
+             "  python -m sharpbench.train optimizer=sam --help      (this page for another option)",
+             "  python -m sharpbench.train --cfg job                 (print the composed config)",
+             "",
+             "Config groups (the selection shown below is marked *):"]
+    for group in ("optimizer", "model", "dataset", "schedule", "trainer", "logger", "experiment"):
+        chosen = choices.get(group) or option_of(group, cfg.get(group)) or ""
+        opts = [f"{o}*" if o == chosen else o for o in group_options(group)]
+        lines.append(f"  {group:<10} " + ", ".join(opts))
+    lines += ["", "Keys (override with group.key=value; + cannot add keys that are not listed here)."]
+
+    def table(title: str, keys: Mapping[str, Key]) -> None:
+        lines.append("")
+        lines.append(title)
+        width = max([len(k) for k in keys] + [8])
+        for name, key in keys.items():
+            lines.append(f"  {name:<{width}}  {key.spec}")
+            lines.append(f"  {'':<{width}}    {key.meaning}")
+
+    table("top level", TOP)
+    for group in GROUPS:
+        node = cfg.get(group) if isinstance(cfg.get(group), Mapping) else {}
+        option = option_of(group, node)
+        keys = accepted_keys(group, node)
+        table(f"{group}" + (f" ({group}={option})" if option else ""), keys)
+        if not GROUPS[group].named:
+            continue
+        others: dict[tuple[str, Key], list[str]] = {}
+        for other in group_options(group):
+            if other == option:
+                continue
+            for name, key in accepted_keys(group, {**yaml_defaults(group, other), "name": other}).items():
+                if name not in keys or key != keys[name]:
+                    others.setdefault((name, key), []).append(other)
+        if others:
+            lines.append(f"  keys of the other {group} options ({group}=<option> to use them):")
+            width = max(len(name) for name, _ in others)
+            for (name, key), users in sorted(others.items(), key=lambda item: item[0][0]):
+                lines.append(f"  {name:<{width}}  {key.spec}  [{', '.join(users)}]")
+                lines.append(f"  {'':<{width}}    {key.meaning}")
+    lines += ["", "Hydra's own options: -m/--multirun (a sweep), --cfg job|hydra|all (print the "
+              "config), --resolve, --info, --hydra-help."]
+    return "\n".join(lines) + "\n"

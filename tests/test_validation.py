@@ -18,21 +18,22 @@ def run_cli(tmp_path, *overrides, timeout=300, **extra_env):
     return out.returncode, out.stdout + out.stderr
 
 
-CASES = [
-    (["optimizer=sam", "optimizer.rho=0"], "rho must be > 0"),
-    (["optimizer=sam", "optimizer.rho=-0.1"], "rho must be > 0"),
-    (["optimizer=sam", "optimizer.p=0.5"], "p must be >= 1"),
-    (["optimizer=ssam_f", "optimizer.sparsity=1.0"], "sparsity"),
-    (["optimizer=ssam_d", "optimizer.sparsity=-0.1"], "sparsity"),
-    (["optimizer=sam", "optimizer.base=lbfgs"], "unknown base optimizer 'lbfgs'"),
-    (["dataset.batch_size=4096"], "larger than the training set"),
-    (["schedule=multistep", "schedule.milestones=[1,5]"], "milestones [1, 5] are not before the last epoch"),
-    (["trainer=gpu"] if not __import__("torch").cuda.is_available() else ["optimizer.rho=0", "optimizer=sam"],
-     "no CUDA GPU is visible" if not __import__("torch").cuda.is_available() else "rho must be > 0"),
+# One case per failure family, through the real command line (tests/test_schema.py runs every
+# case in-process): a type the schema refuses, Hydra's unknown key and unknown option, a `+`
+# typo, an optimizer's own check, a data-size check, a cross-field rule.
+FAMILIES = [
+    (["trainer.max_epochs=abc"], "trainer.max_epochs=abc has the wrong type"),
+    (["foo=1"], "unknown key foo=1"),
+    (["model=nonexistent"], "group model has no option 'nonexistent'"),
+    (["+trainer.max_epoch=5"], "did you mean trainer.max_epochs?"),
+    (["optimizer=sam", "optimizer.rho=0"], "optimizer.rho=0 is out of range"),
+    (["dataset.train_subset=100000"], "dataset.train_subset=100000 is larger than the synthetic training set"),
+    (["trainer=gpu"] if not __import__("torch").cuda.is_available() else ["optimizer=sgd", "optimizer.base=adam"],
+     "no CUDA GPU is visible" if not __import__("torch").cuda.is_available() else "optimizer.base=adam with optimizer=sgd"),
 ]
 
 
-@pytest.mark.parametrize("overrides, message", CASES, ids=[c[1][:30] for c in CASES])
+@pytest.mark.parametrize("overrides, message", FAMILIES, ids=[c[1][:30] for c in FAMILIES])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, overrides, message):
     code, out = run_cli(tmp_path, *overrides)
     assert code == 2, out[-2000:]
@@ -40,6 +41,37 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, overrides, message
     assert "Traceback" not in out
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "invalid_config" and message in record["error"]
+
+
+def test_a_sweep_records_invalid_jobs_and_goes_on(tmp_path):
+    """Hydra refuses optimizer=nonexistent while composing that job: the job is recorded as
+    invalid_config in its own folder, and the next job still runs."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "sharpbench.train", "-m", "experiment=smoke", "optimizer=nonexistent,sgd",
+           "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "dataset.train_subset=128",
+           "dataset.test_subset=64", "dataset.batch_size=32", "trainer.limit_train_batches=2",
+           f"hydra.sweep.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text, text[-3000:]
+    records = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
+    bad = [r for name, r in records.items() if "optimizer=nonexistent" in name]
+    good = [r for name, r in records.items() if "optimizer=sgd" in name]
+    assert len(bad) == 1 and bad[0]["status"] == "invalid_config", (records.keys(), text[-3000:])
+    assert "group optimizer has no option 'nonexistent'" in bad[0]["error"]
+    assert "optimizer=nonexistent" in bad[0]["overrides"]
+    assert len(good) == 1 and good[0]["status"] == "completed", text[-3000:]
+
+
+def test_help_is_generated_from_the_schema(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "sharpbench.train", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from sharpbench import schema
+    for group in schema.GROUPS:
+        assert f"\n{group}" in out.stdout
+    assert schema.TRAINER["max_epochs"].meaning in out.stdout
 
 
 def test_missing_dataset_without_download_says_where_it_looked(tmp_path):

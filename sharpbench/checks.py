@@ -144,10 +144,11 @@ def schema_problems(cfg: Any) -> list[str]:
                 problems.append(group_not_a_node_message(name, value))
             else:
                 problems += group_problems(name, value)
-        elif name in schema.TOP:
-            problem = schema.TOP[name].problem(value)
+        elif name in schema.accepted_keys("", root):
+            key = schema.accepted_keys("", root)[name]
+            problem = key.problem(value)
             if problem:
-                problems.append(value_message("", name, value, schema.TOP[name], problem, None))
+                problems.append(value_message("", name, value, key, problem, None))
         else:
             accepted = {**schema.TOP, **{g: schema.Key("dict", "config group") for g in schema.GROUPS}}
             problems.append(unknown_key_message("", name, value, accepted, None))

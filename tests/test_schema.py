@@ -157,8 +157,7 @@ def test_through_hydras_own_main(tmp_path, monkeypatch, capfd, overrides, messag
 def test_a_good_setting_still_runs(tmp_path, monkeypatch, capfd):
     code, out, record = run_entry_point(tmp_path, monkeypatch, capfd, "dataset.train_subset=128",
                                         "dataset.test_subset=64", "dataset.batch_size=32",
-                                        "trainer.limit_train_batches=2", "experiment=table1_full",
-                                        "experiment=smoke")
+                                        "trainer.limit_train_batches=2")
     assert code == 0 and record["status"] == "completed", out[-3000:]
 
 

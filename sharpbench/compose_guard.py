@@ -238,3 +238,8 @@ def print_help(overrides: list[str]) -> None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra", None)
     print(schema.render_help(plain, choices))
+
+
+# Installed on import: a sweep worker (joblib/loky, submitit) unpickles the task function, which
+# imports this module, before it composes its job's config; the hook acts only under ENV.
+install()

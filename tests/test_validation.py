@@ -43,11 +43,14 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, overrides, message
     assert record["status"] == "invalid_config" and message in record["error"]
 
 
-def test_a_sweep_records_invalid_jobs_and_goes_on(tmp_path):
+@pytest.mark.parametrize("launcher", ["sequential", pytest.param("local_parallel", marks=pytest.mark.slow)])
+def test_a_sweep_records_invalid_jobs_and_goes_on(tmp_path, launcher):
     """Hydra refuses optimizer=nonexistent while composing that job: the job is recorded as
-    invalid_config in its own folder, and the next job still runs."""
+    invalid_config in its own folder, and the next job still runs (also in joblib's workers)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "sharpbench.train", "-m", "experiment=smoke", "optimizer=nonexistent,sgd",
+    cmd = [sys.executable, "-m", "sharpbench.train", "-m", f"hydra/launcher={launcher}",
+           "hydra.launcher.n_jobs=2" if launcher == "local_parallel" else "experiment=smoke",
+           "experiment=smoke", "optimizer=nonexistent,sgd",
            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "dataset.train_subset=128",
            "dataset.test_subset=64", "dataset.batch_size=32", "trainer.limit_train_batches=2",
            f"hydra.sweep.dir={tmp_path}"]

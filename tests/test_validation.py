@@ -48,8 +48,8 @@ def test_a_sweep_records_invalid_jobs_and_goes_on(tmp_path, launcher):
     """Hydra refuses optimizer=nonexistent while composing that job: the job is recorded as
     invalid_config in its own folder, and the next job still runs (also in joblib's workers)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    cmd = [sys.executable, "-m", "sharpbench.train", "-m", f"hydra/launcher={launcher}",
-           "hydra.launcher.n_jobs=2" if launcher == "local_parallel" else "experiment=smoke",
+    workers = ["hydra.launcher.n_jobs=2"] if launcher == "local_parallel" else []
+    cmd = [sys.executable, "-m", "sharpbench.train", "-m", f"hydra/launcher={launcher}", *workers,
            "experiment=smoke", "optimizer=nonexistent,sgd",
            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "dataset.train_subset=128",
            "dataset.test_subset=64", "dataset.batch_size=32", "trainer.limit_train_batches=2",

@@ -441,6 +441,11 @@ def accepted_keys(group: str, node: Mapping) -> dict[str, Key]:
     return keys
 
 
+def known_anywhere(group: str, name: str) -> bool:
+    """Whether some option of the group takes ``name`` (table1_full sets ``rho: null`` for SGD)."""
+    return name in GROUPS[group].keys
+
+
 def options_using(group: str, name: str) -> list[str]:
     """The options of ``group`` that accept the key ``name``."""
     if group not in GROUPS:

@@ -149,6 +149,8 @@ def schema_problems(cfg: Any) -> list[str]:
             problem = key.problem(value)
             if problem:
                 problems.append(value_message("", name, value, key, problem, None))
+            elif isinstance(value, Mapping) and isinstance(schema._yaml("", "train").get(name), Mapping):
+                problems += _undescribed_node_problems(name, value)
         else:
             accepted = {**schema.TOP, **{g: schema.Key("dict", "config group") for g in schema.GROUPS}}
             problems.append(unknown_key_message("", name, value, accepted, None))
@@ -156,6 +158,21 @@ def schema_problems(cfg: Any) -> list[str]:
         if name not in root and name in schema._yaml("", "train"):
             problems.append(f"{name}: the group is missing from the config; select one of its "
                             f"options, e.g. {name}={(schema.group_options(name) or ['...'])[0]}.")
+    return problems
+
+
+def _undescribed_node_problems(name: str, node: Mapping[str, Any]) -> list[str]:
+    """A top-level node train.yaml defines but no table describes yet: its keys are those of
+    train.yaml, each typed by its default."""
+    defaults = schema._yaml("", "train")[name]
+    keys = {k: schema.inferred_key(k, None, (f"the YAML default {format_value(v)}", v))
+            for k, v in defaults.items()}
+    problems = []
+    for key, value in node.items():
+        if key not in keys:
+            problems.append(unknown_key_message(name, key, value, keys, None))
+        elif keys[key].problem(value):
+            problems.append(value_message(name, key, value, keys[key], keys[key].problem(value), None))
     return problems
 
 

@@ -328,3 +328,26 @@ def test_every_class_must_be_in_the_training_set():
         build_splits(**SYNTH, imbalance_factor=40, train_subset=60)
     counts = build_splits(**SYNTH, train_subset=10).train_class_counts
     assert counts.tolist() == [1] * 10
+
+
+def test_a_node_train_yaml_adds_is_checked_before_the_schema_describes_it(compose_cfg, monkeypatch):
+    """Parallel work adds keys to the YAML files first: they run (typed by their defaults), and a
+    typo in them is still refused."""
+    from omegaconf import open_dict
+    original = schema._yaml
+
+    def with_monitor(group, option):
+        out = dict(original(group, option))
+        if group == "":
+            out["monitor"] = {"every_n_epochs": 0, "subset": 512}
+        return out
+    monkeypatch.setattr(schema, "_yaml", with_monitor)
+    cfg = compose_cfg([])
+    with open_dict(cfg):
+        cfg.monitor = {"every_n_epochs": 2, "subset": 512}
+    assert checks.schema_problems(cfg) == []
+    cfg.monitor.every_n_epochs = "often"
+    assert "monitor.every_n_epochs=often has the wrong type" in checks.schema_problems(cfg)[0]
+    with open_dict(cfg):
+        cfg.monitor = {"every_n_epoch": 2}
+    assert "did you mean monitor.every_n_epochs?" in checks.schema_problems(cfg)[0]

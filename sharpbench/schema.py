@@ -290,6 +290,26 @@ OPTIMIZER = {
     "beta_c": Key("float in [0, 1)", "HATAM: EMA factor of the gradient differences"),
     "gamma": Key("float >= 0", "HATAM: weight of the curvature correction (0: AdamW)"),
     "modulator": Key("tensor | global", "HATAM: normalise the modulator per tensor or over all parameters"),
+    "bn_policy": Key("first_pass | both_passes | momentum_zero", "BatchNorm running statistics: updated by the first pass only, by both passes, or frozen by momentum 0 in the second pass"),
+    "ema_order": Key("update_first | subtract_previous", "FriendlySAM: update the gradient EMA before subtracting it (the paper) or subtract the previous one"),
+    "fisher_estimator": Key("per_sample | chunked", "SSAM-F: empirical Fisher from per-sample gradients (the paper) or from squared chunk-mean gradients (cheaper)", options=("ssam_f",)),
+    "fisher_bn": Key("eval | train", "SSAM-F: BatchNorm mode during the Fisher estimate", options=("ssam_f",)),
+    "tail_weight": Key("float > 0", "ImbSAM: weight of the tail loss in the update (1 in the paper)"),
+    "perturbation_norm": Key("masked | full", "SSAM: normalise the perturbation by the masked gradient's norm (norm rho) or by the full gradient's"),
+    "mask_rounding": Key("half_up | floor", "SSAM: rounding of the number of perturbed coordinates"),
+    "update_unit": Key("step | epoch", "SSAM: update_interval counts optimizer steps or epochs"),
+    "refresh_timing": Key("current_step | next_step", "SSAM: a new mask is used from the step that computed it or from the next one"),
+    "drop_schedule": Key("constant | cosine", "SSAM-D: drop rate constant, or decayed on a cosine over the epochs"),
+    "alpha_mode": Key("absolute | relative", "A2SAM: alpha as given, or relative to the top eigenvalue (scale-free)"),
+    "lanczos_tol": Key("null | float >= 0", "A2SAM: stop Lanczos when every Ritz residual is at most tol * |lambda| (0/null: always lanczos_iters)"),
+    "lanczos_check_every": Key("int >= 1", "A2SAM: iterations between residual checks"),
+    "stale_gradient": Key("bool", "A2SAM: perturb with the previous step's gradient (1 pass per step) or a fresh one (2 passes)"),
+    "correction": Key("projection | sign", "X-SAM: remove alpha (g.v) v (sign-invariant) or the authors' sign-dependent form"),
+    "normalize_gradient": Key("bool", "X-SAM: normalise the corrected gradient before the base step (the authors' code)"),
+    "hessian_loss": Key("train | eval_ce", "X-SAM: Hessian of the training loss (train-mode BN, label smoothing) or of plain cross-entropy in eval mode"),
+    "refresh_schedule": Key("global | per_epoch", "X-SAM: refresh at steps 0, freq, 2 freq, ... or every freq batches within each epoch"),
+    "gsam.adaptive": Key("bool", "GSAM: ASAM-style scaling of the perturbation by |w| + eta"),
+    "gsam.eta": Key("float >= 0", "GSAM: eta of the adaptive scaling"),
     "a2sam.alpha": Key("float >= 0", "A2SAM: anisotropy, A = I + alpha * V Lambda V^T"),
     "xsam.alpha": Key("float >= 0", "X-SAM: fraction of the perturbed gradient's component along the top eigenvector removed"),
     "gsam.alpha": Key("null | float in [0, 1)", "RMSprop's smoothing constant when GSAM's base is rmsprop (GSAM's own weight is gsam_alpha)"),
@@ -373,6 +393,10 @@ def inferred_key(name: str, option: str | None, owner_default: tuple[str, Any] |
     return Key(kind, f"argument {name!r} of {owner}")
 
 
+# Constructor parameters the trainer fills in (epoch facts), not config keys.
+SUPPLIED_BY_DRIVER = ("steps_per_epoch", "total_epochs")
+
+
 def optimizer_members(option: str | None, node: Mapping) -> set[str]:
     from .optim import METHODS
     names = {"name"}
@@ -381,7 +405,7 @@ def optimizer_members(option: str | None, node: Mapping) -> set[str]:
     cls = METHODS[option]
     if cls is None or getattr(cls, "takes_base_optimizer", True):
         names.add("base")
-    names |= set(constructor_of("optimizer", option, _base(option, node)))
+    names |= set(constructor_of("optimizer", option, _base(option, node))) - set(SUPPLIED_BY_DRIVER)
     names |= {k for k, v in OPTIMIZER.items() if v.options and option in v.options}
     names |= set(yaml_defaults("optimizer", option))
     return names

@@ -107,28 +107,27 @@ def resolved(cfg: Any) -> dict[str, Any]:
         if top in schema.FOREIGN:
             continue
         try:
-            node = cfg._get_node(top)
-            out[top] = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) \
-                else cfg[top]
+            value = cfg[top]
+            out[top] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) \
+                else value
         except OmegaConfBaseException as err:
             raise ConfigError(_interpolation_message(cfg, top, err)) from None
     return out
 
 
 def _interpolation_message(cfg: Any, top: str, err: Exception) -> str:
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-    node = cfg._get_node(top)
-    path, raw = top, None
-    if isinstance(node, DictConfig):
+    node = OmegaConf.to_container(cfg, resolve=False).get(top)
+    path, raw = top, node
+    if isinstance(node, dict):
+        node = cfg[top]
         for key in node:
             try:
                 node[key]
             except OmegaConfBaseException:
                 path, raw = f"{top}.{key}", OmegaConf.to_container(node, resolve=False).get(key)
                 break
-    else:
-        raw = OmegaConf.to_container(cfg, resolve=False).get(top)
     reason = str(err).splitlines()[0]
     return (f"{path}={raw}: its value cannot be resolved ({reason}); give a plain value, "
             f"e.g. {path}=<value>, or fix the interpolation.")
@@ -165,7 +164,7 @@ def _undescribed_node_problems(name: str, node: Mapping[str, Any]) -> list[str]:
     """A top-level node train.yaml defines but no table describes yet: its keys are those of
     train.yaml, each typed by its default."""
     defaults = schema._yaml("", "train")[name]
-    keys = {k: schema.inferred_key(k, None, (f"the YAML default {format_value(v)}", v))
+    keys = {k: schema.inferred_key(k, (f"the YAML default {format_value(v)}", v))
             for k, v in defaults.items()}
     problems = []
     for key, value in node.items():

@@ -338,7 +338,7 @@ class Group:
                     if "." not in k and (v.options is None or option in v.options)}
         out = {}
         for name in sorted(self.members(option, node)):
-            out[name] = self.key(name, option) or inferred_key(name, option)
+            out[name] = self.key(name, option) or inferred_key(name)
         return out
 
 
@@ -380,7 +380,7 @@ def _qualified(cls: type) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
-def inferred_key(name: str, option: str | None, owner_default: tuple[str, Any] | None = None) -> Key:
+def inferred_key(name: str, owner_default: tuple[str, Any] | None = None) -> Key:
     """A key with no table entry (e.g. torch's ``foreach``): its type from its default value."""
     owner, default = owner_default or ("the constructor", inspect.Parameter.empty)
     kind = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int)
@@ -457,11 +457,11 @@ def accepted_keys(group: str, node: Mapping) -> dict[str, Key]:
             params = constructor_of(group, option, _base(option, node))
             for name in keys:
                 if g.key(name, option) is None:
-                    keys[name] = inferred_key(name, option, params.get(name))
+                    keys[name] = inferred_key(name, params.get(name))
         defaults = yaml_defaults(group, option)
     for name, value in defaults.items():
         if name not in keys:
-            keys[name] = inferred_key(name, None, (f"the YAML default {format_value(value)}", value))
+            keys[name] = inferred_key(name, (f"the YAML default {format_value(value)}", value))
     return keys
 
 

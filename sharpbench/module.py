@@ -71,10 +71,14 @@ class SharpnessModule(L.LightningModule):
         self._eval: dict[str, dict[str, Tensor]] = {}
         self.eval_results: dict[str, dict[str, Any]] = {}
         self.train_loss_epoch: float | None = None  # mean training loss of the last epoch
+        self.train_acc_epoch: float | None = None   # training accuracy (%) of the last epoch
         self._first_bad: Tensor | None = None
         self._tail_mask: Tensor | None = None
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+        self._hits: Tensor | int = 0   # correct first-pass predictions this epoch (on the device)
+        self._seen = 0
+        self._bar_mark = (0.0, 0)      # (loss sum, count) when the progress bar was last updated
 
     # ------------------------------------------------------------------ optimizer & schedule
     def configure_optimizers(self):
@@ -96,6 +100,10 @@ class SharpnessModule(L.LightningModule):
         return max(1, n)
 
     def on_train_start(self) -> None:
+        from .run_logging import dense_log_interval
+        # Short epochs are logged at (nearly) every step, so every run has a loss curve.
+        self.trainer.log_every_n_steps = dense_log_interval(self.trainer.log_every_n_steps,
+                                                            self.steps_per_epoch())
         opt = self.optimizers(use_pl_optimizer=False)
         if isinstance(opt, SharpnessAwareOptimizer):
             opt.before_base_step = self._before_base_step
@@ -133,11 +141,17 @@ class SharpnessModule(L.LightningModule):
             self.scaler.unscale_(list(self.model.parameters()))
 
     def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+        first = [True]
+
         def closure(part: str | None = None) -> Tensor:
             self.passes += 1
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 logits = self(x)
+            if first[0]:  # training accuracy: the first pass of a step, at the weights it starts from
+                first[0] = False
+                self._hits = self._hits + (logits.detach().argmax(1) == y).sum()
+                self._seen += int(y.shape[0])
             loss = self.training_loss(logits, y, part)
             self.backward_pass(loss)
             return loss.detach()
@@ -195,6 +209,7 @@ class SharpnessModule(L.LightningModule):
         if hasattr(loader, "mark_consumed"):  # checkpoints record the batches used, not prefetched
             loader.mark_consumed(self.current_epoch, batch_idx + 1)
         opt = self.optimizers(use_pl_optimizer=False)
+        lr = opt.param_groups[0]["lr"]  # the learning rate this step uses
         closure = self.make_closure(opt, x, y)
         if isinstance(opt, SharpnessAwareOptimizer):
             loss = opt.step(closure, **self.make_extra_inputs(opt, x, y))
@@ -214,7 +229,26 @@ class SharpnessModule(L.LightningModule):
         self._loss_count += 1
         # Not on the progress bar: showing a step value there reads it back every batch (a sync).
         self.log("train/loss", loss, on_step=True, on_epoch=True)
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_step_values(opt, lr)
         return loss
+
+    def log_step_values(self, opt: torch.optim.Optimizer, lr: float) -> None:
+        """At logging steps only (the logger reads the loss back then anyway, so no extra host
+        sync): the learning rate, rho where a schedule moves it (GSAM's ``rho_t``), the passes
+        counted so far, and the progress bar's ``loss`` = mean training loss since its last
+        update."""
+        group = opt.param_groups[0]
+        self.log("train/lr", float(lr), on_step=True, on_epoch=False)
+        if "rho_t" in group:
+            self.log("train/rho", float(group["rho_t"]), on_step=True, on_epoch=False)
+        self.log("train/passes", float(self.passes), on_step=True, on_epoch=False)
+        total, count = float(self._loss_sum), self._loss_count
+        last_total, last_count = self._bar_mark
+        if count > last_count:
+            self.log("loss", (total - last_total) / (count - last_count), prog_bar=True,
+                     logger=False, on_step=True, on_epoch=False)
+        self._bar_mark = (total, count)
 
     def count_optimizer_step(self) -> None:
         """We step the raw optimizer (Lightning's wrapper would call the closure its own way), so
@@ -226,9 +260,10 @@ class SharpnessModule(L.LightningModule):
 
     # ------------------------------------------------------------------ divergence watch
     def on_train_epoch_start(self) -> None:
+        # (Lightning does not call this hook when it resumes mid-epoch: the sums are restored.)
         self._first_bad = None
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        self._loss_sum, self._loss_count, self._hits, self._seen = 0.0, 0, 0, 0
+        self._bar_mark = (0.0, 0)
 
     def watch_divergence(self, loss: Tensor) -> None:
         """Remember the first non-finite loss on the device (no sync); checked every
@@ -260,6 +295,14 @@ class SharpnessModule(L.LightningModule):
         self.check_divergence()
         if self._loss_count:  # one host sync per epoch
             self.train_loss_epoch = float(self._loss_sum) / self._loss_count
+        hits, seen = self._hits, self._seen
+        if self.trainer.world_size > 1:
+            pair = torch.stack([torch.as_tensor(hits, device=self.device).double(),
+                                torch.tensor(float(seen), device=self.device, dtype=torch.float64)])
+            hits, seen = self.trainer.strategy.reduce(pair, reduce_op="sum").tolist()
+        if seen:
+            self.train_acc_epoch = 100.0 * float(hits) / float(seen)
+            self.log("train/acc", self.train_acc_epoch, on_step=False, on_epoch=True)
 
     # --------------------------------------------------------------------------- evaluation
     def _eval_start(self, names: list[str]) -> None:
@@ -322,6 +365,7 @@ class SharpnessModule(L.LightningModule):
             "passes": self.passes, "steps_done": self.steps_done,
             "skipped_steps": self.skipped_steps, "train_loss_epoch": self.train_loss_epoch,
             "epoch_loss": (float(self._loss_sum), self._loss_count),  # a mid-epoch save
+            "epoch_hits": (int(self._hits), self._seen), "train_acc_epoch": self.train_acc_epoch,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             # RNG streams (dropout, anything drawing from the global generators)
             "rng_cpu": torch.get_rng_state(),
@@ -335,6 +379,9 @@ class SharpnessModule(L.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.train_loss_epoch = state.get("train_loss_epoch")
         self._loss_sum, self._loss_count = state.get("epoch_loss", (0.0, 0))
+        self._hits, self._seen = state.get("epoch_hits", (0, 0))
+        self._bar_mark = (float(self._loss_sum), self._loss_count)
+        self.train_acc_epoch = state.get("train_acc_epoch")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state.get("rng_cpu") is not None:

@@ -1,7 +1,8 @@
 """The run record: everything a run measured, written once to ``metrics.json`` (atomically).
 
-Nothing else writes results. Times are CUDA-synchronised at epoch boundaries only (never inside
-the training step); forward/backward passes are counted by the module's closure.
+Nothing else writes results. Training and evaluation are timed apart (``RunTimer``), CUDA-
+synchronised at epoch and evaluation boundaries and at logging steps only (never inside a training
+step); forward/backward passes are counted by the module's closure.
 """
 from __future__ import annotations
 
@@ -87,43 +88,97 @@ def synchronize(device: torch.device) -> None:
 
 
 class RunTimer(L.Callback):
-    """Training wall time per epoch (validation excluded), synchronised at epoch boundaries."""
+    """Training time and evaluation time, measured apart (seconds, CUDA-synchronised).
+
+    The training clock runs from the start of a training epoch (or the first batch after an
+    evaluation pass or a resume) until an evaluation pass starts, the epoch ends, or the run
+    stops with an exception (a signal, a divergence); ``epoch_times[e]`` is epoch ``e``'s
+    training time, ``partial`` that of an epoch not finished yet. Each evaluation pass run during
+    ``fit`` is timed on its own (``eval_times``), the final ``trainer.test`` as ``test_time``.
+    The device is synchronised only at these boundaries and at logging steps, never inside a
+    training step. At every logging step the training time so far is logged as ``train/time_s``
+    (the x-axis of the report's curves against wall-clock time).
+    """
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
+        self.partial = 0.0
+        self.eval_times: list[float] = []
+        self.test_time: float | None = None
         self.images = 0
         self._t0: float | None = None
+        self._eval_t0: float | None = None
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        synchronize(pl_module.device)
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:  # resumed mid-epoch: time the rest of the epoch
+    # ------------------------------------------------------------------ the training clock
+    def _start(self, pl_module) -> None:
+        if self._t0 is None:
             synchronize(pl_module.device)
             self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.images += int(batch[0].shape[0]) * trainer.world_size
-
-    def _stop(self, pl_module) -> None:
+    def _pause(self, pl_module) -> None:
         if self._t0 is not None:
             synchronize(pl_module.device)
-            self.epoch_times.append(time.perf_counter() - self._t0)
+            self.partial += time.perf_counter() - self._t0
             self._t0 = None
 
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
-            self._stop(pl_module)
+    def train_seconds(self) -> float:
+        """Training time so far: finished epochs, the current one, and the running segment."""
+        running = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        return float(sum(self.epoch_times)) + self.partial + running
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start(pl_module)  # after an evaluation pass, or resumed mid-epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.images += int(batch[0].shape[0]) * trainer.world_size
+        if trainer.loggers and trainer._logger_connector.should_update_logs:
+            synchronize(pl_module.device)  # the logger reads the loss back at this step anyway
+            pl_module.log("train/time_s", self.train_seconds(), on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._stop(pl_module)
+        self._pause(pl_module)
+        self.epoch_times.append(self.partial)
+        self.partial = 0.0
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._pause(pl_module)  # a preempted or diverged run keeps the time it trained
+
+    # ------------------------------------------------------------------ evaluation clocks
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self._pause(pl_module)
+            synchronize(pl_module.device)
+            self._eval_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._eval_t0 is not None:
+            synchronize(pl_module.device)
+            self.eval_times.append(time.perf_counter() - self._eval_t0)
+            self._eval_t0 = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        synchronize(pl_module.device)
+        self._eval_t0 = time.perf_counter()
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self._eval_t0 is not None:
+            synchronize(pl_module.device)
+            self.test_time = time.perf_counter() - self._eval_t0
+            self._eval_t0 = None
+
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"epoch_times": self.epoch_times, "images": self.images}
+        running = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        return {"epoch_times": list(self.epoch_times), "partial": self.partial + running,
+                "eval_times": list(self.eval_times), "images": self.images}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch_times = list(state.get("epoch_times", []))
+        self.partial = float(state.get("partial", 0.0))
+        self.eval_times = list(state.get("eval_times", []))
         self.images = int(state.get("images", 0))
 
 
@@ -133,13 +188,20 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
 
 
+def steps_per_epoch(module) -> int | None:
+    try:
+        return int(module.steps_per_epoch())
+    except Exception:  # no trainer or data attached (a run that failed before fit)
+        return None
+
+
 def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status: str,
                  overrides: list[str], config: dict, started_at: float,
                  error: str | None = None) -> dict[str, Any]:
     """Assemble metrics.json from what the run measured."""
     device = module.device
     steps = max(1, module.steps_done)
-    wall = float(sum(timer.epoch_times))
+    wall = float(sum(timer.epoch_times)) + timer.partial  # training only (see RunTimer)
     mem, mem_kind = peak_memory_mb(device)
     opt = None
     try:
@@ -155,6 +217,13 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "wall_time_s": wall,
         "epoch_time_s": statistics.median(timer.epoch_times) if timer.epoch_times else None,
         "epoch_times_s": timer.epoch_times,
+        "partial_epoch_time_s": timer.partial,
+        "eval_time_s": float(sum(timer.eval_times)),
+        "eval_times_s": timer.eval_times,
+        "test_time_s": timer.test_time,
+        "total_time_s": time.time() - started_at,
+        "steps_per_epoch": steps_per_epoch(module),
+        "log_every_n_steps": getattr(trainer, "log_every_n_steps", None),
         "images_per_s": timer.images / wall if wall > 0 else None,
         "passes_per_step": module.passes / steps if module.steps_done else None,
         "hvps_per_step": (getattr(opt, "num_hvps", 0) / steps) if opt is not None and hasattr(opt, "num_hvps") else None,
@@ -173,6 +242,7 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     record["train_loss"] = module.train_loss_epoch
+    record["train_acc"] = module.train_acc_epoch
     for split in ("val", "test"):
         res = module.eval_results.get(split)
         record[f"{split}_acc"] = res["acc"] if res else None

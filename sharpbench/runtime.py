@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -39,9 +39,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.unlink(tmp)
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Keep one resumable ``<run dir>/checkpoints/last.ckpt``: written (atomically) at the end of
-    every epoch, and every ``every_n_steps`` optimizer steps when set (resume after a kill)."""
+    every epoch, and every ``every_n_steps`` optimizer steps when set (resume after a kill).
+
+    A ``Checkpoint`` subclass, so Lightning runs its ``on_train_epoch_end`` *after* the module's
+    and after every other callback's: the end-of-epoch checkpoint holds that epoch's values
+    (training loss, accuracy, epoch time), not the previous epoch's."""
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None):
         self.path = Path(dirpath) / "last.ckpt"
@@ -121,7 +125,8 @@ def build_loggers(cfg, run_dir: Path, resume_step: int | None = None) -> list:
     loggers: list = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="",
                                         resume_step=resume_step)]
     if name == "tensorboard":
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                         default_hp_metric=False))  # finals: run_logging
     elif name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         loggers.append(WandbLogger(project=cfg.get("project", "sharpbench"), save_dir=str(run_dir),

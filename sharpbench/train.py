@@ -26,6 +26,7 @@ from .gpu_pool import pin_gpu_for_this_process
 from .models import build_model
 from .module import DivergenceError, SharpnessModule
 from .record import RunTimer, build_record, read_metrics, write_metrics, config_hash
+from .run_logging import EvalProgressBar, finish_loggers, log_hyperparameters
 from .runtime import AtomicCheckpointIO, LastCheckpoint, build_loggers, checkpoint_step, resolve_ckpt_path, resolve_precision
 
 log = logging.getLogger("sharpbench")
@@ -54,6 +55,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
                   resume_step: int | None = None) -> L.Trainer:
     t = cfg.trainer
     last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None)
+    bar = [EvalProgressBar()] if t.get("enable_progress_bar", True) else []
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         num_nodes=t.get("num_nodes", 1),
@@ -64,7 +66,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         log_every_n_steps=t.log_every_n_steps, deterministic=t.get("deterministic", False),
         enable_progress_bar=t.get("enable_progress_bar", True), enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(run_dir),
-        logger=build_loggers(cfg.logger, run_dir, resume_step), callbacks=[timer, last], enable_checkpointing=False,
+        logger=build_loggers(cfg.logger, run_dir, resume_step), callbacks=[timer, last, *bar], enable_checkpointing=True,
         plugins=[AtomicCheckpointIO()])
 
 
@@ -107,6 +109,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     timer = RunTimer()
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     trainer = build_trainer(cfg, run_dir, timer, checkpoint_step(ckpt_path))
+    log_hyperparameters(trainer.loggers, ident)
     status, error = "completed", None
     with preemption_handler(trainer):
         try:
@@ -128,6 +131,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     if trainer.is_global_zero:
         write_metrics(run_dir, record)
         print(one_line_summary(record, run_dir))
+    finish_loggers(trainer.loggers, record, ident)
     return record
 
 

@@ -1,0 +1,81 @@
+"""What the loggers receive besides the per-step values the module logs.
+
+- ``dense_log_interval``: the logging interval actually used (short epochs are logged densely, so
+  every run has a training-loss curve);
+- ``EvalProgressBar``: the progress bar names the evaluation pass run during training after the
+  split it evaluates ("test", or "val + test"), not Lightning's "Validation";
+- ``log_hyperparameters``: the resolved config as hyperparameters (CSV/TensorBoard
+  ``hparams.yaml``, W&B run config), before training;
+- ``finish_loggers``: metrics.json's final numbers in the TensorBoard HPARAMS tab and the W&B run
+  summary, then the W&B run is closed (a sweep's next job starts its own run).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+POINTS_PER_EPOCH = 20
+
+
+def dense_log_interval(configured: int, steps_per_epoch: int) -> int:
+    """``min(configured, steps_per_epoch // 20)``, at least 1: at least 20 logged points per epoch
+    (a 39-step epoch is logged at every step; a 391-step one every 19 steps instead of 50)."""
+    return max(1, min(int(configured), int(steps_per_epoch) // POINTS_PER_EPOCH))
+
+
+class EvalProgressBar(TQDMProgressBar):
+    """Lightning's bar, with the in-training evaluation named after the split(s) it evaluates."""
+
+    @property
+    def validation_description(self) -> str:
+        trainer = getattr(self, "_trainer", None)
+        names = getattr(getattr(trainer, "datamodule", None), "eval_names", None) or ["test"]
+        return "Evaluation (" + " + ".join(names) + ")" if len(names) > 1 else names[0].capitalize()
+
+
+# metrics.json keys shown in the TensorBoard HPARAMS tab and the W&B summary (when present)
+FINAL_KEYS = ("test_acc", "test_loss", "val_acc", "val_loss", "train_loss", "train_acc",
+              "wall_time_s", "eval_time_s", "epoch_time_s", "images_per_s", "passes_per_step",
+              "hvps_per_step", "peak_mem_mb", "epochs_completed", "steps")
+
+
+def final_numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The finite scalar results of a run (``FINAL_KEYS``, then any other number it holds)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        out[key] = float(value)
+    ordered = {k: out[k] for k in FINAL_KEYS if k in out}
+    ordered.update({k: v for k, v in out.items() if k not in ordered})
+    return ordered
+
+
+def _kind(logger) -> str:
+    return type(logger).__name__
+
+
+def log_hyperparameters(loggers: Iterable, config: dict[str, Any]) -> None:
+    """The resolved config (nested) as each logger's hyperparameters."""
+    for logger in loggers:
+        logger.log_hyperparams(config)
+
+
+def finish_loggers(loggers: Iterable, record: dict[str, Any], config: dict[str, Any]) -> None:
+    """Final numbers to TensorBoard (HPARAMS tab, as ``final/<key>``) and W&B (run summary)."""
+    numbers = final_numbers(record)
+    for logger in loggers:
+        kind = _kind(logger)
+        if kind == "TensorBoardLogger" and numbers:
+            logger.log_hyperparams(config, metrics={f"final/{k}": v for k, v in numbers.items()
+                                                    if k in FINAL_KEYS})
+            logger.experiment.flush()
+        elif kind == "WandbLogger":
+            run = logger.experiment
+            if hasattr(run, "summary"):  # rank zero only (a dummy elsewhere)
+                run.summary.update({**numbers, "status": record.get("status")})
+                run.finish()

@@ -1,40 +1,56 @@
-"""The sweep report: every run below some folders → ``runs.csv``, Table 1 and training curves.
+"""The sweep report: every run below some folders → ``runs.csv``, the results table and curves.
 
-    python -m sharpbench.report outputs/sweeps/table1 [MORE_DIRS ...] [--out DIR] [--no-curves]
+    python -m sharpbench.report [DIR ...] [--out DIR] [--name NAME] [--no-curves]
+                                [--first-epochs 10 20]
+
+Without DIR: the most recent sweep below ``outputs/sweeps/``.
 
 collect_runs  every ``metrics.json`` below the folders, plus job folders that never wrote one
-table1        completed runs per (dataset, method, setting): mean ± std over seeds, beside the paper
-curves        each run's ``csv/metrics.csv``: training loss per batch, test accuracy per epoch
-write_report  runs.csv, table1.csv/.md/.tex, curves_*.png, written atomically into the first folder
+table1        completed runs per (dataset, method, setting): mean ± std over distinct seeds,
+              beside Feldman 2025 where the runs used its recipe
+write_outputs runs.csv, <name>.csv/.md/.tex and the curves (``sharpbench.curves``), each written
+              atomically; <name> is the sweep folder's name unless given
 
 Conventions (docs/sweeps.md repeats them):
 
-- top-1 is the *final-epoch* test accuracy (%), mean ± sample std (ddof=1) over the completed
-  runs; with one run the std is shown as "—" (and is NaN in table1.csv);
+- top-1 is the *final-epoch* test accuracy (%), mean ± sample std (ddof=1) over the distinct
+  seeds of the row's completed runs; with one seed the std is "—" (NaN in <name>.csv);
+- a seed run twice with the same setting (the same run logged again, to another logger, in
+  another folder) counts once: the latest finished run is kept, the others are listed as
+  duplicates (``duplicate_of`` in runs.csv, ``duplicates`` in the table), never averaged;
 - loss is the mean validation loss when every completed run of the row has one
-  (``dataset.val_split`` > 0), else the mean test loss; the column and ``loss_split`` say which;
-- time is the mean training wall time (sum of epoch times, evaluation excluded); time vs SAM is
-  100 × that / SAM's, same dataset and setting (100 = as long as SAM);
-- failed counts the row's runs whose status is not ``completed`` (failed, diverged,
-  invalid_config, interrupted, no_record, ...): runs.csv lists each with its error;
-- setting: the config keys (other than the seed) whose values differ between the runs of one
-  method on one dataset, e.g. ``optimizer.rho=0.1`` in a rho sweep; runs with different
-  settings are never averaged together.
+  (``dataset.val_split`` > 0), else the mean test loss; the header and ``loss_split`` say which;
+- time is the mean training time per run (sum of its epochs' training time; evaluation is
+  timed apart, ``eval_time_s``); time vs SAM is 100 × that / the training time of SAM with the
+  same other settings (same dataset, model, data and trainer settings, schedule; where several
+  SAM rows qualify, the one with the same setting label, rho or lr); without such a SAM row there is no value, and a
+  table without SAM has no such column;
+- Feldman 2025 (Table 1) is shown beside a row only when all its runs used the paper's recipe
+  (``sharpbench.reference``); other rows of methods the paper has read "other recipe";
+- setting: the config keys (other than the seed and where the data lives) whose values differ
+  between the runs of one method on one dataset, short names first (``rho=0.1, lr=0.05``);
+  runs with different settings are never averaged together.
+
+Extra per-run metrics (e.g. sharpness diagnostics a module writes into metrics.json) become
+columns with ``register_metric(key, header)``: mean over the row's seeds, shown where present.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
-import tempfile
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 import yaml
 
+from . import reference
 from .record import METRICS_FILE, atomic_write_text, read_metrics
 
 METHOD_ORDER = ("sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "imb_sam", "a2sam",
@@ -44,30 +60,46 @@ METHOD_LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "friendly_sam": "Fr
                  "hatam": "HATAM", "xsam": "X-SAM", "gsam": "GSAM", "adam": "Adam",
                  "adamw": "AdamW", "rmsprop": "RMSprop"}
 DATASET_ORDER = ("cifar10", "cifar100")
-DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-
-# Seed 001, Table 1 (METHODS.md): top-1 test accuracy (%), ResNet-18, 80 epochs, 4 repeats.
-PAPER_TOP1 = {("cifar10", "sam"): 92.0, ("cifar10", "friendly_sam"): 92.7,
-              ("cifar10", "ssam_f"): 92.1, ("cifar10", "ssam_d"): 91.8,
-              ("cifar100", "sam"): 71.0, ("cifar100", "friendly_sam"): 70.3,
-              ("cifar100", "ssam_f"): 73.1, ("cifar100", "ssam_d"): 69.8}
-PAPER_LABEL = "paper top-1 (seed 001)"
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
+SWEEPS_DIR = Path("outputs") / "sweeps"
 
 COMPLETED = "completed"
 DASH = "—"
+OTHER_RECIPE = "other recipe"
 # Config keys that say where data lives or how a run is shown, not what it computes.
 NOT_A_SETTING = ("seed", "dataset.root", "dataset.download", "dataset.format",
                  "trainer.enable_progress_bar")
+# Setting labels: these keys first, then the rest alphabetically; shorter names for a few.
+SETTING_FIRST = ("optimizer.rho", "optimizer.lr")
+SHORT_NAMES = {"trainer.max_epochs": "epochs", "dataset.batch_size": "batch"}
 FRONT_COLUMNS = ("status", "dataset", "method", "setting", "seed", "model", "test_acc", "test_loss",
-                 "val_acc", "val_loss", "train_loss", "wall_time_s", "epoch_time_s",
-                 "images_per_s", "passes_per_step", "hvps_per_step", "peak_mem_mb", "epochs",
-                 "epochs_completed", "steps", "batch_size", "lr", "rho", "base_optimizer",
-                 "device", "precision", "error", "overrides", "run_dir")
+                 "val_acc", "val_loss", "train_loss", "train_acc", "wall_time_s", "eval_time_s",
+                 "epoch_time_s", "images_per_s", "passes_per_step", "hvps_per_step",
+                 "peak_mem_mb", "epochs", "epochs_completed", "steps", "batch_size", "lr", "rho",
+                 "base_optimizer", "device", "precision", "paper_recipe", "duplicate_of",
+                 "error", "overrides", "run_dir")
 NUMERIC_COLUMNS = ("seed", "test_acc", "test_loss", "val_acc", "val_loss", "train_loss",
-                   "wall_time_s", "epoch_time_s", "images_per_s", "passes_per_step",
-                   "hvps_per_step", "peak_mem_mb", "epochs", "epochs_completed", "steps",
-                   "batch_size", "lr", "rho")
+                   "train_acc", "wall_time_s", "eval_time_s", "epoch_time_s", "images_per_s",
+                   "passes_per_step", "hvps_per_step", "peak_mem_mb", "epochs",
+                   "epochs_completed", "steps", "batch_size", "lr", "rho")
 INTEGER_COLUMNS = ("seed", "epochs", "epochs_completed", "steps", "batch_size")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An extra column: the mean of metrics.json's ``key`` over a row's seeds."""
+    key: str
+    header: str
+    spec: str = ".3g"
+
+
+EXTRA_METRICS: list[Metric] = []
+
+
+def register_metric(key: str, header: str, spec: str = ".3g") -> None:
+    """Add a per-run metric of metrics.json as a table column (kept once per key)."""
+    if all(m.key != key for m in EXTRA_METRICS):
+        EXTRA_METRICS.append(Metric(key, header, spec))
 
 
 # ----------------------------------------------------------------------------- collecting runs
@@ -88,6 +120,15 @@ def find_run_dirs(dirs: Iterable[str | os.PathLike]) -> list[Path]:
         found.update(p.parent.parent.resolve() for p in root.rglob("overrides.yaml")
                      if p.parent.name == ".hydra")
     return sorted(found)
+
+
+def latest_sweep(root: Path = SWEEPS_DIR) -> Path:
+    """The most recently modified folder below ``outputs/sweeps`` (what ``make report`` reads)."""
+    sweeps = [p for p in root.glob("*") if p.is_dir()] if root.is_dir() else []
+    if not sweeps:
+        raise FileNotFoundError(f"no sweep below {root}/: run one (e.g. make table1-smoke) or "
+                                "name the folder (python -m sharpbench.report DIR)")
+    return max(sweeps, key=lambda p: p.stat().st_mtime)
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -127,19 +168,24 @@ def hydra_job_record(run_dir: Path) -> dict[str, Any]:
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The runs table from metrics.json-like dicts (used directly by the tests)."""
     rows = [flat_row(r) for r in records]
-    settings = setting_labels(records)
-    for row, setting in zip(rows, settings):
+    flats = [flatten(r["config"]) if isinstance(r.get("config"), dict) else None for r in records]
+    for row, flat, setting in zip(rows, flats, setting_labels(records)):
         row["setting"] = setting
+        row["context"] = context_id(flat)
+        row["paper_recipe"] = "; ".join(reference.recipe_differences(flat)) or "yes"
     df = pd.DataFrame(rows)
-    for col in FRONT_COLUMNS:
+    for col in FRONT_COLUMNS + ("finished_at",):
         if col not in df:
             df[col] = None
-    for col in NUMERIC_COLUMNS:
+    for col in NUMERIC_COLUMNS + tuple(m.key for m in EXTRA_METRICS):
+        if col not in df:
+            df[col] = None
         df[col] = pd.to_numeric(df[col], errors="coerce")
         if col in INTEGER_COLUMNS and (df[col].dropna() % 1 == 0).all():
             df[col] = df[col].astype("Int64")
-    for col in ("status", "dataset", "method", "setting"):
-        df[col] = df[col].fillna("" if col == "setting" else "unknown").astype(str)
+    for col in ("status", "dataset", "method", "setting", "context"):
+        df[col] = df[col].fillna("" if col in ("setting", "context") else "unknown").astype(str)
+    df["duplicate_of"] = duplicates_of(df)
     df = df[list(FRONT_COLUMNS) + sorted(c for c in df if c not in FRONT_COLUMNS)]
     return sort_rows(df).reset_index(drop=True)
 
@@ -148,7 +194,7 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
     """Scalars as they are; hardware → gpu/hostname; overrides → one string; no nested config."""
     row = {}
     for key, value in record.items():
-        if key in ("config", "epoch_times_s"):
+        if key in ("config", "epoch_times_s", "eval_times_s"):
             continue
         if key == "hardware" and isinstance(value, dict):
             row.update({f"hw_{k}": value.get(k) for k in ("gpu", "cpu", "hostname")})
@@ -173,22 +219,83 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
 
 
+def context_id(flat: dict[str, Any] | None) -> str:
+    """What a run shares with the SAM run it is timed against: every setting outside the
+    optimizer group (seed and data location excluded); "" for a run without a config."""
+    if flat is None:
+        return ""
+    keep = {k: v for k, v in flat.items()
+            if k not in NOT_A_SETTING and not k.startswith("optimizer.")}
+    return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def setting_labels(records: list[dict[str, Any]]) -> list[str]:
-    """Per run, ``key=value`` for each config key that varies among the runs of its
-    (dataset, method); "" when nothing varies (or the run has no resolved config)."""
-    flat = [flatten(r["config"]) if isinstance(r.get("config"), dict) else None for r in records]
+    """Per run, ``name=value`` for each config key that varies among the runs of its
+    (dataset, method), e.g. ``rho=0.1, lr=0.05``; keys a run does not have are left out of its
+    label (never ``gamma=unset``); "" when nothing varies or the run has no resolved config."""
+    flats = [({k: v for k, v in flatten(r["config"]).items() if k not in NOT_A_SETTING}
+              if isinstance(r.get("config"), dict) else None) for r in records]
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault((r.get("dataset"), r.get("method")), []).append(i)
+    varying: dict[tuple, list[str]] = {}
+    for key, members in groups.items():
+        configs = [flats[i] for i in members if flats[i] is not None]
+        keys = {k for c in configs for k in c}
+        varying[key] = sorted((k for k in keys if len({repr(c.get(k)) for c in configs}) > 1),
+                              key=lambda k: (SETTING_FIRST.index(k) if k in SETTING_FIRST
+                                             else len(SETTING_FIRST), k))
+    names = short_names({k for ks in varying.values() for k in ks})
     labels = [""] * len(records)
-    for members in groups.values():
-        configs = [flat[i] for i in members if flat[i] is not None]
-        keys = sorted({k for c in configs for k in c} - set(NOT_A_SETTING))
-        varying = [k for k in keys if len({repr(c.get(k, "unset")) for c in configs}) > 1]
+    for key, members in groups.items():
         for i in members:
-            if flat[i] is not None:
-                labels[i] = ",".join(f"{k}={flat[i].get(k, 'unset')}" for k in varying)
+            if flats[i] is not None:
+                labels[i] = ", ".join(f"{names[k]}={show(flats[i][k])}"
+                                      for k in varying[key] if k in flats[i])
+        # two different settings must never share a label: name the missing keys then
+        seen: dict[str, set] = {}
+        for i in members:
+            if flats[i] is not None:
+                seen.setdefault(labels[i], set()).add(tuple(repr(flats[i].get(k)) for k in varying[key]))
+        for i in members:
+            if flats[i] is not None and len(seen[labels[i]]) > 1:
+                labels[i] = ", ".join(f"{names[k]}={show(flats[i].get(k))}" for k in varying[key])
     return labels
+
+
+def short_names(keys: set[str]) -> dict[str, str]:
+    """The last part of each dotted key (``optimizer.rho`` → ``rho``; ``schedule.name`` →
+    ``schedule``), the full key where two would share a name."""
+    def short(key: str) -> str:
+        parts = key.split(".")
+        return SHORT_NAMES.get(key, parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1])
+    last = {k: short(k) for k in keys}
+    clash = {n for n in last.values() if list(last.values()).count(n) > 1}
+    return {k: (k if n in clash else n) for k, n in last.items()}
+
+
+def show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def duplicates_of(df: pd.DataFrame) -> list[str]:
+    """For each completed run, "" if it counts, else the run_dir of the run of the same
+    (dataset, method, setting, seed) that does (the latest finished)."""
+    out = [""] * len(df)
+    done = df[(df["status"] == COMPLETED) & df["seed"].notna()]
+    for _, runs in done.groupby(["dataset", "method", "setting", "seed"], sort=False):
+        if len(runs) < 2:
+            continue
+        order = runs.assign(_f=runs["finished_at"].fillna("").astype(str)).sort_values(
+            ["_f", "run_dir"], kind="stable")
+        kept = order.index[-1]
+        for i in order.index[:-1]:
+            out[df.index.get_loc(i)] = str(df.at[kept, "run_dir"])
+    return out
 
 
 def order_key(value: str, order: tuple[str, ...]) -> tuple[int, str]:
@@ -213,71 +320,73 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return df.loc[df["status"] != COMPLETED, cols]
 
 
-# ----------------------------------------------------------------------------------- Table 1
+def counted_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed runs, one per (dataset, method, setting, seed)."""
+    return df[(df["status"] == COMPLETED) & (df["duplicate_of"] == "")]
+
+
+# ----------------------------------------------------------------------------- the table
+TABLE_COLUMNS = ["dataset", "method", "setting", "n", "failed", "duplicates", "statuses",
+                 "test_acc_mean", "test_acc_std", "loss_mean", "loss_split", "wall_time_s",
+                 "eval_time_s", "passes_per_step", "images_per_s", "peak_mem_mb", "lr", "rho",
+                 "paper_recipe", "paper_top1", "paper_loss", "paper_time_vs_sam_pct", "context"]
+
+
 def table1(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, method, setting), numbers unrounded; see the module docstring."""
     rows = []
     for (dataset, method, setting), runs in df.groupby(["dataset", "method", "setting"], sort=False):
-        done = runs[runs["status"] == COMPLETED]
+        done = counted_runs(runs)
         has_val = len(done) > 0 and done["val_loss"].notna().all()
         not_done = runs.loc[runs["status"] != COMPLETED, "status"].value_counts()
-        rows.append({
+        recipe = len(done) > 0 and bool((done["paper_recipe"] == "yes").all())
+        paper = reference.paper_row(dataset, method)
+        row = {
             "dataset": dataset, "method": method, "setting": setting,
-            "n": len(done), "failed": int(not_done.sum()),
+            "n": int(done["seed"].nunique()), "failed": int(not_done.sum()),
+            "duplicates": int(((runs["status"] == COMPLETED) & (runs["duplicate_of"] != "")).sum()),
             "statuses": "; ".join(f"{s}={c}" for s, c in sorted(not_done.items())),
             "test_acc_mean": done["test_acc"].mean(),
             "test_acc_std": done["test_acc"].std(ddof=1) if done["test_acc"].count() > 1 else math.nan,
             "loss_mean": done["val_loss" if has_val else "test_loss"].mean(),
             "loss_split": "val" if has_val else "test",
             "wall_time_s": done["wall_time_s"].mean(),
+            "eval_time_s": done["eval_time_s"].mean(),
             "passes_per_step": done["passes_per_step"].mean(),
             "images_per_s": done["images_per_s"].mean(),
             "peak_mem_mb": done["peak_mem_mb"].mean(),
-            "paper_top1": PAPER_TOP1.get((dataset, method), math.nan),
-        })
-    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    table["time_vs_sam_pct"] = [relative_to_sam(table, r) for r in table.itertuples()]
+            "lr": done["lr"].mean(), "rho": done["rho"].mean(),
+            "paper_recipe": recipe,
+            "paper_top1": paper.top1 if paper and paper.top1 is not None else math.nan,
+            "paper_loss": paper.loss if paper and paper.loss is not None else math.nan,
+            "paper_time_vs_sam_pct": (paper.time_vs_sam_pct if paper and paper.time_vs_sam_pct
+                                      is not None else math.nan),
+            "context": runs["context"].iloc[0],
+        }
+        for metric in EXTRA_METRICS:
+            row[f"{metric.key}_mean"] = done[metric.key].mean() if metric.key in done else math.nan
+        rows.append(row)
+    columns = TABLE_COLUMNS + [f"{m.key}_mean" for m in EXTRA_METRICS]
+    table = pd.DataFrame(rows, columns=columns)
+    refs = [sam_reference(table, r) for r in table.itertuples()]
+    table["time_vs_sam_pct"] = [100.0 * r.wall_time_s / table.at[j, "wall_time_s"] if j is not None
+                                else math.nan for r, j in zip(table.itertuples(), refs)]
+    table["time_vs_sam_of"] = [method_label("sam", table.at[j, "setting"]) if j is not None else ""
+                               for j in refs]
     return sort_rows(table).reset_index(drop=True)
 
 
-TABLE_COLUMNS = ["dataset", "method", "setting", "n", "failed", "statuses", "test_acc_mean",
-                 "test_acc_std", "loss_mean", "loss_split", "wall_time_s", "passes_per_step",
-                 "images_per_s", "peak_mem_mb", "paper_top1"]
-
-
-def relative_to_sam(table: pd.DataFrame, row) -> float:
-    """100 × wall time / SAM's on the same dataset: SAM's row with the same setting, else the
-    dataset's only SAM row; NaN when there is no such SAM row."""
-    sam = table[(table["dataset"] == row.dataset) & (table["method"] == "sam")]
-    same = sam[sam["setting"] == row.setting]
-    ref = same if len(same) else sam if len(sam) == 1 else sam.iloc[0:0]
-    if not len(ref) or not ref["wall_time_s"].iloc[0] > 0:
-        return math.nan
-    return 100.0 * row.wall_time_s / ref["wall_time_s"].iloc[0]
-
-
-def display_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Table 1 for people: rows are methods, a block of columns per dataset, text cells."""
-    datasets = list(dict.fromkeys(table["dataset"]))
-    rows = list(dict.fromkeys(zip(table["method"], table["setting"])))
-    columns: dict[tuple[str, str], list[str]] = {}
-    for dataset in datasets:
-        part = table[table["dataset"] == dataset].set_index(["method", "setting"])
-        split = set(part["loss_split"][part["n"] > 0]) or {"test"}
-        metrics = [("top-1 % (mean ± std)", lambda r: mean_std(r.test_acc_mean, r.test_acc_std, r.n))]
-        if any(d == dataset for d, _ in PAPER_TOP1):
-            metrics.append((PAPER_LABEL, lambda r: fmt(r.paper_top1, ".1f")))
-        metrics += [(f"{'/'.join(sorted(split))} loss", lambda r: fmt(r.loss_mean, ".4f")),
-                    ("time (s)", lambda r: fmt(r.wall_time_s, ".0f" if r.wall_time_s >= 100 else ".1f")),
-                    ("time vs SAM (%)", lambda r: fmt(r.time_vs_sam_pct, ".0f")),
-                    ("passes/step", lambda r: fmt(r.passes_per_step, ".2f")),
-                    ("n", lambda r: str(int(r.n))), ("failed", lambda r: str(int(r.failed)))]
-        for name, cell in metrics:
-            columns[(DATASET_LABELS.get(dataset, dataset), name)] = [
-                cell(part.loc[key]) if key in part.index else DASH for key in rows]
-    out = pd.DataFrame(columns, index=[method_label(m, s) for m, s in rows])
-    out.index.name = "method"
-    return out
+def sam_reference(table: pd.DataFrame, row) -> int | None:
+    """Index of the SAM row ``row`` is timed against: same dataset and same settings outside the
+    optimizer; among several, the one with the same setting label, then rho, then lr. None if
+    no single row qualifies."""
+    sam = table[(table["dataset"] == row.dataset) & (table["method"] == "sam")
+                & (table["context"] == row.context) & (table["wall_time_s"] > 0)]
+    for key in ("setting", "rho", "lr"):
+        if len(sam) > 1 and not pd.isna(getattr(row, key)):
+            same = sam[sam[key] == getattr(row, key)]
+            sam = same if len(same) else sam
+    return sam.index[0] if len(sam) == 1 else None
 
 
 def method_label(method: str, setting: str = "") -> str:
@@ -296,13 +405,108 @@ def fmt(value: Any, spec: str) -> str:
     return DASH if value is None or pd.isna(value) else format(value, spec)
 
 
-def to_markdown(display: pd.DataFrame) -> str:
-    header = [display.index.name or ""] + [f"{d} {m}" for d, m in display.columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, row in display.iterrows():
-        cells = [str(label)] + [str(v) for v in row]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines) + "\n"
+def seconds(value: float) -> str:
+    return fmt(value, ".0f" if not pd.isna(value) and value >= 100 else ".1f")
+
+
+def paper_cell(row, field: str, spec: str) -> str:
+    value = getattr(row, field)
+    if pd.isna(value):
+        return DASH
+    return format(value, spec) if row.paper_recipe else OTHER_RECIPE
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for people: rows are methods (with their setting), a block of columns per
+    dataset, text cells. Columns without a value in a dataset's block are left out."""
+    datasets = list(dict.fromkeys(table["dataset"]))
+    rows = list(dict.fromkeys(zip(table["method"], table["setting"])))
+    columns: dict[tuple[str, str], list[str]] = {}
+    for dataset in datasets:
+        part = table[table["dataset"] == dataset].set_index(["method", "setting"])
+        for name, cell in block_columns(part):
+            columns[(DATASET_LABELS.get(dataset, dataset), name)] = [
+                cell(part.loc[key]) if key in part.index else DASH for key in rows]
+    out = pd.DataFrame(columns, index=[method_label(m, s) for m, s in rows])
+    out.index.name = "method"
+    return out
+
+
+def block_columns(part: pd.DataFrame) -> list[tuple[str, Any]]:
+    """(header, cell function) of the columns one dataset's rows have values for."""
+    split = "/".join(sorted(set(part["loss_split"][part["n"] > 0]) or {"test"}))
+    recipe = bool(part["paper_recipe"].any())
+    cols = [("top-1 (%)", lambda r: mean_std(r.test_acc_mean, r.test_acc_std, r.n))]
+    if recipe and part["paper_top1"].notna().any():
+        cols.append((reference.CITATION, lambda r: paper_cell(r, "paper_top1", ".1f")))
+    cols.append((f"{split} loss", lambda r: fmt(r.loss_mean, ".4f")))
+    if recipe and part["paper_loss"].notna().any():
+        cols.append((f"{reference.CITATION} loss", lambda r: paper_cell(r, "paper_loss", ".4f")))
+    cols.append(("time (s)", lambda r: seconds(r.wall_time_s)))
+    if part["time_vs_sam_pct"].notna().any():
+        cols.append(("vs SAM (%)", lambda r: fmt(r.time_vs_sam_pct, ".0f")))
+    if recipe and part["paper_time_vs_sam_pct"].notna().any():
+        cols.append((f"{reference.CITATION} vs SAM",
+                     lambda r: paper_cell(r, "paper_time_vs_sam_pct", ".0f")))
+    cols.append(("passes", lambda r: fmt(r.passes_per_step, ".2f")))
+    for metric in EXTRA_METRICS:
+        key = f"{metric.key}_mean"
+        if key in part and part[key].notna().any():
+            cols.append((metric.header, lambda r, key=key, spec=metric.spec: fmt(r[key], spec)))
+    cols.append(("n", lambda r: str(int(r.n))))
+    if part["failed"].any():
+        cols.append(("failed", lambda r: str(int(r.failed))))
+    if part["duplicates"].any():
+        cols.append(("dup.", lambda r: str(int(r.duplicates))))
+    return cols
+
+
+def notes(table: pd.DataFrame) -> list[str]:
+    """What the headers mean, for the lines under the markdown tables."""
+    lines = ["top-1: final-epoch test accuracy, mean ± sample std over n distinct seeds "
+             "(— with one seed). loss: mean cross-entropy of the final model. time: training "
+             "time per run in seconds, evaluation excluded. passes: forward/backward passes per "
+             "optimizer step, counted."]
+    if table["time_vs_sam_pct"].notna().any():
+        lines.append("vs SAM: 100 × time / the training time of SAM with the same other settings "
+                     "(dataset, model, data, schedule, trainer; where several SAM rows qualify, the "
+                     "one with the same setting, rho or lr); — where there is no single such row.")
+    if table["paper_recipe"].any() and table["paper_top1"].notna().any():
+        lines.append(f"{reference.CITATION}: top-1 (%) of {reference.CITATION_FULL}, shown only beside runs of "
+                     f"its recipe (ResNet-18, 80 epochs, full training set, batch 128, label "
+                     f"smoothing 0.1, lr 0.1 ×0.1 at epochs 50 and 75, rho 0.05); "
+                     f"\"{OTHER_RECIPE}\" elsewhere.")
+    if table["duplicates"].any():
+        lines.append("dup.: completed runs of a seed already counted (listed in runs.csv, "
+                     "duplicate_of), not averaged.")
+    return lines
+
+
+def to_markdown(display: pd.DataFrame, title: str = "", note_lines: Iterable[str] = ()) -> str:
+    """One aligned table per dataset (readable in a terminal), then the notes."""
+    out = [f"# {title}", ""] if title else []
+    for block in dict.fromkeys(d for d, _ in display.columns):
+        names = [m for d, m in display.columns if d == block]
+        cells = display[block]
+        keep = [label for label, row in cells.iterrows() if any(v != DASH for v in row)]
+        out += [f"## {block}", "", *aligned_table([display.index.name or "method"] + names,
+                                                  [[label] + [str(v) for v in cells.loc[label]]
+                                                   for label in keep]), ""]
+    for line in note_lines:
+        out += textwrap.wrap(line, width=100, initial_indent="- ", subsequent_indent="  ")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def aligned_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    cells = [[c.replace("|", "\\|") for c in r] for r in [header] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    rule = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":")
+                          for i, w in enumerate(widths)) + "|"
+    return [line(cells[0]), rule] + [line(r) for r in cells[1:]]
 
 
 def to_latex(display: pd.DataFrame) -> str:
@@ -330,150 +534,88 @@ def tex(text: str) -> str:
     return "".join(TEX_ESCAPES.get(c, c) for c in text)
 
 
-# ------------------------------------------------------------------------------------ curves
-def run_curves(run_dir: str | os.PathLike) -> tuple[pd.Series, pd.Series]:
-    """(training loss per logged step, test accuracy per completed epoch) from csv/metrics.csv.
-
-    Per-epoch test rows are those logged during training (epoch e → x = e + 1); the extra row of
-    the final ``trainer.test`` repeats the last one and is used only when there is no other."""
-    path = Path(run_dir) / "csv" / "metrics.csv"
-    log = pd.read_csv(path)
-    loss = log.dropna(subset=["train/loss_step"]).drop_duplicates("step", keep="last")
-    train_loss = pd.Series(loss["train/loss_step"].to_numpy(), index=loss["step"].to_numpy())
-    acc = pd.Series(dtype=float)
-    if "test/acc" in log:
-        rows = log.dropna(subset=["test/acc"])
-        epochs = int(loss["epoch"].max()) + 1 if len(loss) else 0
-        during = rows[rows["epoch"] < epochs]
-        if len(during):
-            acc = pd.Series(during["test/acc"].to_numpy(), index=during["epoch"].to_numpy() + 1)
-        elif len(rows):
-            acc = pd.Series(rows["test/acc"].to_numpy()[-1:], index=rows["epoch"].to_numpy()[-1:])
-        acc = acc[~acc.index.duplicated(keep="last")]
-    return train_loss, acc
-
-
-def smooth(series: pd.Series, points: int = 50) -> pd.Series:
-    """Centred moving average over ``len // points`` logged values (no smoothing below 100)."""
-    window = max(1, len(series) // points)
-    return series.rolling(window, center=True, min_periods=1).mean() if window > 1 else series
-
-
-def write_curves(df: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """curves_train_loss_<dataset>.png and curves_test_acc_<dataset>.png from completed runs."""
-    curves: dict[tuple, list[tuple[pd.Series, pd.Series]]] = {}
-    for run in df[df["status"] == COMPLETED].itertuples():
-        if (Path(run.run_dir) / "csv" / "metrics.csv").exists():
-            curves.setdefault((run.dataset, run.method, run.setting), []).append(run_curves(run.run_dir))
-    paths = {}
-    for dataset in dict.fromkeys(k[0] for k in curves):
-        groups = {method_label(m, s): runs for (d, m, s), runs in curves.items() if d == dataset}
-        name = DATASET_LABELS.get(dataset, dataset)
-        for which, index, title, xlabel, ylabel in (
-                ("train_loss", 0, f"{name}: training loss per batch", "step",
-                 "batch loss (centred moving average)"),
-                ("test_acc", 1, f"{name}: test accuracy per epoch", "epoch", "test top-1 (%)")):
-            series = {label: [r[index] for r in runs if len(r[index])] for label, runs in groups.items()}
-            series = {k: v for k, v in series.items() if v}
-            if series:
-                path = out / f"curves_{which}_{dataset}.png"
-                plot(series, path, title, xlabel, ylabel, smoothed=which == "train_loss")
-                paths[path.stem] = path
-    return paths
-
-
-def plot(series: dict[str, list[pd.Series]], path: Path, title: str, xlabel: str, ylabel: str,
-         smoothed: bool) -> None:
-    """Mean over seeds as a line, min–max over seeds as a light band; one colour per method."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (label, runs) in enumerate(series.items()):
-        frame = pd.concat([smooth(s) if smoothed else s for s in runs], axis=1).sort_index()
-        mean = frame.mean(axis=1)
-        color = f"C{i % 10}"
-        ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.5,
-                marker=None if smoothed else "o", ms=3, label=f"{label} (n={len(runs)})")
-        if len(runs) > 1:
-            ax.fill_between(mean.index, frame.min(axis=1), frame.max(axis=1), color=color,
-                            alpha=0.2, lw=0)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_atomically(fig, path)
-
-
-def save_atomically(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ------------------------------------------------------------------------------------ writing
+def report_name(out: Path) -> str:
+    """The report's file stem: the sweep folder's name, made safe for a file name."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in out.resolve().name)
+    return name.strip("._") or "report"
+
+
 def write_report(dirs: Iterable[str | os.PathLike], out: str | os.PathLike | None = None,
-                 curves: bool = True) -> dict[str, Path]:
+                 curves: bool = True, name: str | None = None,
+                 first_epochs: tuple[int, ...] = ()) -> dict[str, Path]:
     """Collect the runs below ``dirs`` and write the report into ``out`` (default: the first dir)."""
     dirs = list(dirs)
-    return write_outputs(collect_runs(dirs), Path(out if out is not None else dirs[0]), curves)
+    return write_outputs(collect_runs(dirs), Path(out if out is not None else dirs[0]), curves,
+                         name=name, first_epochs=first_epochs)
 
 
-def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True) -> dict[str, Path]:
+def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True, name: str | None = None,
+                  first_epochs: tuple[int, ...] = ()) -> dict[str, Path]:
+    """runs.csv, <name>.csv/.md/.tex and (``curves``) the figures; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
+    name = name or report_name(out)
     table = table1(df)
     display = display_table(table)
-    texts = {"runs": ("runs.csv", df.to_csv(index=False)),
-             "table1_csv": ("table1.csv", table.to_csv(index=False)),
-             "table1_md": ("table1.md", to_markdown(display)),
-             "table1_tex": ("table1.tex", to_latex(display))}
+    title = f"{name}: final-epoch results"
+    texts = {"runs": ("runs.csv", df.drop(columns=["context"]).to_csv(index=False)),
+             "table_csv": (f"{name}.csv", table.drop(columns=["context"]).to_csv(index=False)),
+             "table_md": (f"{name}.md", to_markdown(display, title, notes(table))),
+             "table_tex": (f"{name}.tex", to_latex(display))}
     paths = {}
-    for key, (name, text) in texts.items():
-        atomic_write_text(out / name, text)
-        paths[key] = out / name
+    for key, (filename, text) in texts.items():
+        atomic_write_text(out / filename, text)
+        paths[key] = out / filename
     if curves:
-        paths.update(write_curves(df, out))
+        from .curves import write_curves
+        runs = counted_runs(df)
+        records = {d: read_metrics(d) or {} for d in runs["run_dir"]}
+        paths.update(write_curves(runs, out, lambda r: method_label(r.method, r.setting),
+                                  records, first_epochs))
     return paths
 
 
 def summary_text(df: pd.DataFrame, paths: dict[str, Path]) -> str:
-    """The markdown table, then one line per run that did not complete."""
+    """The markdown table, then one line per run that did not complete or was not counted."""
     counts = df["status"].value_counts()
-    lines = [Path(paths["table1_md"]).read_text(),
+    lines = [Path(paths["table_md"]).read_text(),
              f"{len(df)} runs: " + ", ".join(f"{c} {s}" for s, c in counts.items())]
     for run in failed_runs(df).itertuples():
         error = str(run.error).strip().splitlines()[-1][:200] if isinstance(run.error, str) else ""
         lines.append(f"  {run.status}: {method_label(run.method, run.setting)} on {run.dataset} "
                      f"seed {fmt(run.seed, '.0f')}: {error} [{run.run_dir}]")
+    for run in df[df["duplicate_of"] != ""].itertuples():
+        lines.append(f"  duplicate (not counted): {method_label(run.method, run.setting)} on "
+                     f"{run.dataset} seed {fmt(run.seed, '.0f')} [{run.run_dir}], counted: "
+                     f"{run.duplicate_of}")
     lines.append(f"written: {', '.join(str(p) for p in paths.values())}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sharpbench.report", description=__doc__.split("\n")[0])
-    parser.add_argument("dirs", nargs="+", help="folders to search for metrics.json (recursively)")
+    parser = argparse.ArgumentParser(prog="python -m sharpbench.report",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("dirs", nargs="*", help="folders to search for metrics.json "
+                        "(recursively); default: the most recent folder below outputs/sweeps/")
     parser.add_argument("--out", help="where to write the report (default: the first folder)")
-    parser.add_argument("--no-curves", action="store_true", help="skip the PNG curves")
+    parser.add_argument("--name", help="file stem of the tables (default: the folder's name)")
+    parser.add_argument("--no-curves", action="store_true", help="skip the figures")
+    parser.add_argument("--first-epochs", type=int, nargs="*", default=[], metavar="E",
+                        help="also draw the raw batch loss over the first E epochs (e.g. 10 20)")
     args = parser.parse_args(argv)
     try:
-        df = collect_runs(args.dirs)
+        dirs = args.dirs or [latest_sweep()]
+        if not args.dirs:
+            print(f"report on the most recent sweep: {dirs[0]}")
+        df = collect_runs(dirs)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if df.empty:
-        print(f"error: no runs (metrics.json) below {', '.join(args.dirs)}", file=sys.stderr)
+        print(f"error: no runs (metrics.json) below {', '.join(map(str, dirs))}", file=sys.stderr)
         return 1
-    paths = write_outputs(df, Path(args.out or args.dirs[0]), curves=not args.no_curves)
+    paths = write_outputs(df, Path(args.out or dirs[0]), curves=not args.no_curves,
+                          name=args.name, first_epochs=tuple(args.first_epochs))
     print(summary_text(df, paths))
     return 0
 

@@ -25,10 +25,14 @@ log = logging.getLogger("sharpbench.sweep")
 
 
 class ReportOnMultirunEnd(Callback):
-    """``write_report([sweep_dir])`` at the end of a multirun; failed jobs are listed by name."""
+    """``write_report([sweep_dir])`` at the end of a multirun; failed jobs are listed by name.
 
-    def __init__(self, curves: bool = True) -> None:
+    ``curves``: draw the figures; ``first_epochs``: also the raw batch loss over the first E
+    epochs (e.g. ``[10, 20]``, as in Feldman 2025, Fig. 9)."""
+
+    def __init__(self, curves: bool = True, first_epochs: list[int] | None = None) -> None:
         self.curves = curves
+        self.first_epochs = tuple(int(e) for e in (first_epochs or ()))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .report import collect_runs, failed_runs, method_label, write_outputs
@@ -38,14 +42,15 @@ class ReportOnMultirunEnd(Callback):
             if runs.empty:
                 log.warning("sweep report: no runs below %s", sweep_dir)
                 return
-            paths = write_outputs(runs, sweep_dir, curves=self.curves)
+            paths = write_outputs(runs, sweep_dir, curves=self.curves,
+                                  first_epochs=self.first_epochs)
         except Exception:  # the results are on disk; the report can be redone by hand
             log.exception("sweep report: could not write the report for %s; run "
                           "`python -m sharpbench.report %s`", sweep_dir, sweep_dir)
             return
         done = int((runs["status"] == "completed").sum())
         log.info("sweep report: %d of %d jobs completed; table: %s\n%s", done, len(runs),
-                 paths["table1_md"], paths["table1_md"].read_text())
+                 paths["table_md"], paths["table_md"].read_text())
         for job in failed_runs(runs).itertuples():
             error = str(job.error).strip().splitlines()[-1] if isinstance(job.error, str) else ""
             log.error("sweep job %s: %s on %s, seed %s: %s (%s)", job.status,

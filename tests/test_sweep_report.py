@@ -14,8 +14,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from sharpbench import ddp_launch, gpu_pool
-from sharpbench.report import (PAPER_LABEL, collect_runs, display_table, runs_frame, table1,
-                               to_latex, to_markdown, write_report)
+from sharpbench.report import (collect_runs, display_table, runs_frame, table1, to_latex,
+                               to_markdown, write_report)
+
+PAPER_LABEL = "Feldman 2025"
+RECIPE = {"seed": 0, "label_smoothing": 0.1, "model": {"name": "resnet18"},
+          "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05},
+          "dataset": {"batch_size": 128, "val_split": 0},
+          "schedule": {"name": "multistep", "milestones": [50, 75], "gamma": 0.1},
+          "trainer": {"max_epochs": 80}}
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
@@ -56,21 +63,21 @@ def test_sweep_table_matches_the_runs(swept):
     assert len(records) == 8
     done = [r for r in records.values() if r["status"] == "completed"]
     assert len(done) == 4 and all(r["config"]["model"]["width"] == 8 for r in done)
-    table = pd.read_csv(sweep_dir / "table1.csv", keep_default_na=False, na_values=[""])
+    table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
     for method in ("sgd", "sam"):
         accs = [r["test_acc"] for r in done if r["method"] == method]
         times = [r["wall_time_s"] for r in done if r["method"] == method]
-        row = table[(table["method"] == method) & (table["setting"] == "model.width=8")].iloc[0]
+        row = table[(table["method"] == method) & (table["setting"] == "width=8")].iloc[0]
         assert row["n"] == 2 and row["failed"] == 0
         assert row["test_acc_mean"] == pytest.approx(sum(accs) / 2)
         assert row["test_acc_std"] == pytest.approx(pd.Series(accs).std(ddof=1))
         assert row["wall_time_s"] == pytest.approx(sum(times) / 2)
         assert row["loss_split"] == "test"
-    ok = table[table["setting"] == "model.width=8"].set_index("method")
+    ok = table[table["setting"] == "width=8"].set_index("method")
     assert ok.loc["sgd", "time_vs_sam_pct"] == pytest.approx(
         100 * ok.loc["sgd", "wall_time_s"] / ok.loc["sam", "wall_time_s"])
-    assert "| SAM (model.width=8) |" in (sweep_dir / "table1.md").read_text()
-    assert (sweep_dir / "table1.tex").read_text().startswith(r"\begin{tabular}")
+    assert "| SAM (width=8)  |" in (sweep_dir / "grid.md").read_text()
+    assert (sweep_dir / "grid.tex").read_text().startswith(r"\begin{tabular}")
 
 
 def test_a_failing_job_is_listed_and_the_others_complete(swept):
@@ -80,10 +87,10 @@ def test_a_failing_job_is_listed_and_the_others_complete(swept):
     failed = runs[runs["status"] == "failed"]
     assert len(failed) == 4 and (runs["status"] == "completed").sum() == 4
     assert failed["error"].str.contains("RuntimeError").all()
-    assert failed["setting"].eq("model.width=-1").all()
+    assert failed["setting"].eq("width=-1").all()
     assert log.count("sweep job failed: ") == 4  # the callback names every failed job
-    table = pd.read_csv(sweep_dir / "table1.csv", keep_default_na=False, na_values=[""])
-    bad = table[table["setting"] == "model.width=-1"]
+    table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
+    bad = table[table["setting"] == "width=-1"]
     assert list(bad["n"]) == [0, 0] and list(bad["failed"]) == [2, 2]
 
 
@@ -99,10 +106,12 @@ def test_rerun_skips_completed_jobs(swept):
 
 def test_curves_and_python_api(swept, tmp_path):
     sweep_dir, _, _ = swept
-    for name in ("curves_train_loss_synthetic.png", "curves_test_acc_synthetic.png"):
-        assert (sweep_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("curves_train_loss_synthetic", "curves_test_acc_synthetic"):
+        assert (sweep_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (sweep_dir / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     paths = write_report([sweep_dir], out=tmp_path)
-    assert {"runs", "table1_csv", "table1_md", "table1_tex"} <= set(paths)
+    assert {"runs", "table_csv", "table_md", "table_tex"} <= set(paths)
+    assert paths["table_md"].name == f"{tmp_path.name}.md"
     assert all(Path(p).exists() for p in paths.values())
     assert len(collect_runs([sweep_dir])) == 8
 
@@ -113,16 +122,21 @@ def test_report_cli(swept, tmp_path):
                           str(tmp_path), "--no-curves"], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| SGD (model.width=8) |" in out.stdout and "4 failed" in out.stdout
+    assert "| SGD (width=8)  |" in out.stdout and "4 failed" in out.stdout
     assert not list(tmp_path.glob("*.png"))
 
 
 # --------------------------------------------------------------- Table 1 from hand-made records
 def record(method, seed, acc, dataset="cifar10", wall=100.0, status="completed", val_loss=None,
-           test_loss=1.0, passes=2.0, config=None):
+           test_loss=1.0, passes=2.0, config=None, recipe=False):
     rec = {"method": method, "dataset": dataset, "seed": seed, "status": status,
            "test_acc": acc, "test_loss": test_loss, "val_loss": val_loss, "wall_time_s": wall,
            "passes_per_step": passes, "model": "resnet18"}
+    if recipe:
+        config = json.loads(json.dumps(RECIPE))
+        config["seed"], config["optimizer"]["name"], config["dataset"]["name"] = seed, method, dataset
+        if method == "sgd":
+            del config["optimizer"]["rho"]
     if config is not None:
         rec["config"] = config
     if status != "completed":
@@ -137,6 +151,8 @@ def test_table1_mean_std_relative_time_and_paper_column():
                record("ssam_f", 0, 91.0, wall=165, passes=2.0),
                record("sgd", 0, 89.0, wall=55, passes=1.0), record("sgd", 1, 88.0, wall=65, passes=1.0),
                record("sam", 0, 70.0, dataset="cifar100", wall=200)]
+    records = [dict(r, config=record(r["method"], r["seed"], 0, r["dataset"], recipe=True)["config"])
+               for r in records]
     table = table1(runs_frame(records)).set_index(["dataset", "method"])
     sam = table.loc[("cifar10", "sam")]
     assert sam["n"] == 3 and sam["failed"] == 2 and sam["statuses"] == "diverged=1; failed=1"
@@ -153,14 +169,14 @@ def test_table1_mean_std_relative_time_and_paper_column():
     assert list(table.loc["cifar10"].index) == ["sgd", "sam", "ssam_f"]  # the fixed method order
 
     shown = display_table(table.reset_index())
-    assert shown.loc["SAM", ("CIFAR-10", "top-1 % (mean ± std)")] == "92.00 ± 2.00"
-    assert shown.loc["SSAM-F", ("CIFAR-10", "top-1 % (mean ± std)")] == "91.00 ± —"
+    assert shown.loc["SAM", ("CIFAR-10", "top-1 (%)")] == "92.00 ± 2.00"
+    assert shown.loc["SSAM-F", ("CIFAR-10", "top-1 (%)")] == "91.00 ± —"
     assert shown.loc["SSAM-F", ("CIFAR-10", PAPER_LABEL)] == "92.1"
     assert shown.loc["SGD", ("CIFAR-10", PAPER_LABEL)] == "—"
-    assert shown.loc["SGD", ("CIFAR-100", "top-1 % (mean ± std)")] == "—"  # no such run
+    assert shown.loc["SGD", ("CIFAR-100", "top-1 (%)")] == "—"  # no such run
     assert shown.loc["SAM", ("CIFAR-10", "failed")] == "2"
     md = to_markdown(shown)
-    assert "CIFAR-10 paper top-1 (seed 001)" in md and "| SAM | 92.00 ± 2.00 |" in md
+    assert "## CIFAR-10" in md and PAPER_LABEL in md and "| SAM    | 92.00 ± 2.00 |" in md
     tex = to_latex(shown)
     assert r"92.00 $\pm$ 2.00" in tex and r"\multicolumn" in tex and "91.00 $\\pm$ ---" in tex
 
@@ -182,7 +198,7 @@ def test_runs_that_differ_in_config_are_not_averaged_together():
                for rho in (0.05, 0.1) for s in (0, 1)]
     records[0]["config"]["rho_by_method"] = {"sgd": None}  # null and absent are the same
     table = table1(runs_frame(records))
-    assert list(table["setting"]) == ["optimizer.rho=0.05", "optimizer.rho=0.1"]
+    assert list(table["setting"]) == ["rho=0.05", "rho=0.1"]
     assert list(table["n"]) == [2, 2]  # seed and dataset.root do not split rows
     assert table["time_vs_sam_pct"].tolist() == [100.0, 100.0]
 

@@ -1,0 +1,79 @@
+"""What the loggers receive: every step of a short epoch, lr/passes/time per logged step, train
+accuracy per epoch, the config as hyperparameters, final numbers in TensorBoard and W&B, the
+in-training evaluation named "test"; the end-of-epoch checkpoint holds the final epoch's loss."""
+import json
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from sharpbench.run_logging import (EvalProgressBar, dense_log_interval, finish_loggers,
+                                    log_hyperparameters)
+from sharpbench.train import train
+
+
+def test_dense_log_interval():
+    assert dense_log_interval(50, 39) == 1       # a 39-step epoch: every step (was 1 point)
+    assert dense_log_interval(50, 391) == 19     # CIFAR at batch 128: 20 points per epoch
+    assert dense_log_interval(10, 10_000) == 10  # long epochs keep the configured interval
+
+
+@pytest.mark.parametrize("names, text", [(["test"], "Test"), (["val", "test"], "Evaluation (val + test)")])
+def test_progress_bar_names_the_evaluation_after_its_split(names, text):
+    bar = EvalProgressBar()
+    bar._trainer = SimpleNamespace(datamodule=SimpleNamespace(eval_names=names))
+    assert bar.validation_description == text
+
+
+def test_a_short_run_logs_every_step_its_config_and_finals(compose_cfg, tmp_path):
+    cfg = compose_cfg(["experiment=smoke", "optimizer=sam", "trainer.max_epochs=2",
+                       "trainer.log_every_n_steps=50", "dataset.train_subset=256",
+                       "dataset.test_subset=128", "trainer.enable_progress_bar=false",
+                       "logger=tensorboard"])
+    record = train(cfg, tmp_path, [])
+    log = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    steps = log.dropna(subset=["train/loss_step"])
+    assert len(steps) == record["steps"] == 8  # 4-step epochs, every step logged
+    for column in ("train/lr", "train/passes", "train/time_s"):
+        assert log[column].notna().sum() == 8, column
+    assert list(log.dropna(subset=["train/passes"])["train/passes"]) == [2.0 * (i + 1) for i in range(8)]
+    lrs = log.dropna(subset=["train/lr"])["train/lr"].to_numpy()
+    assert lrs[0] == pytest.approx(cfg.optimizer.lr) and lrs[-1] < lrs[0]  # the lr each step used
+    assert log["train/acc"].notna().sum() == 2 and record["train_acc"] is not None
+    # timing: training and evaluation apart, both recorded
+    assert record["eval_time_s"] > 0 and len(record["eval_times_s"]) == 2
+    assert record["wall_time_s"] == pytest.approx(sum(record["epoch_times_s"]))
+    # the end-of-epoch checkpoint holds the last epoch's values (was the epoch before)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["sharpbench"]["train_loss_epoch"] == record["train_loss"]
+    assert ckpt["sharpbench"]["train_acc_epoch"] == record["train_acc"]
+    # hyperparameters: the resolved config (was {}), and the finals in the HPARAMS tab
+    assert "name: sam" in (tmp_path / "csv" / "hparams.yaml").read_text()
+    assert "max_epochs: 2" in (tmp_path / "tensorboard" / "hparams.yaml").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert events.Scalars("final/test_acc")[-1].value == pytest.approx(record["test_acc"])
+    plugin = events.PluginTagToContent("hparams")
+    assert plugin and any(b"optimizer/name" in v for v in plugin.values())
+
+
+def test_wandb_run_gets_the_config_and_the_final_numbers(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
+    logger = WandbLogger(project="sharpbench-test", save_dir=str(tmp_path), offline=True)
+    config = {"optimizer": {"name": "sam", "rho": 0.05}, "seed": 3}
+    log_hyperparameters([logger], config)
+    run = logger.experiment
+    assert run.config["optimizer"] == {"name": "sam", "rho": 0.05} and run.config["seed"] == 3
+    finished = []
+    real_finish = run.finish
+    monkeypatch.setattr(run, "finish", lambda *a, **k: finished.append(True))
+    finish_loggers([logger], {"test_acc": 91.5, "wall_time_s": 12.0, "status": "completed",
+                              "config": config}, config)
+    assert run.summary["test_acc"] == 91.5 and run.summary["wall_time_s"] == 12.0
+    assert run.summary["status"] == "completed"
+    assert finished  # closed, so a sweep's next job starts its own W&B run
+    real_finish()

@@ -35,8 +35,8 @@ table1-full:  ## Table 1 with every method of the project (SGD, ASAM, ImbSAM, A2
 table1-smoke:  ## the same sweep shrunk for CPU (tiny CNN, synthetic data, 1 epoch): about a minute
 	$(BIN)/python -m sharpbench.train -m experiment=table1 $(TABLE1_SMOKE) $(ARGS)
 
-report:  ## rebuild a sweep's report: make report DIR=outputs/sweeps/table1
-	$(BIN)/python -m sharpbench.report $(or $(DIR),outputs/sweeps/table1)
+report:  ## rebuild a sweep's report: make report [DIR=outputs/sweeps/table1] (default: the latest sweep) [ARGS="--first-epochs 10 20"]
+	$(BIN)/python -m sharpbench.report $(DIR) $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from .record import readable_mode
+
 SMOOTH_POINTS = 50      # a smoothed curve keeps about this many independent points
 FEW_POINTS = 40         # at most this many points: draw markers
 MODEL_LABELS = {"resnet18": "ResNet-18", "preact_resnet18": "PreAct ResNet-18",
@@ -267,6 +269,7 @@ def save(fig, stem: Path) -> dict[str, Path]:
         fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
+            os.chmod(tmp, readable_mode())
             fig.savefig(tmp, format=fmt, **kwargs)
             os.replace(tmp, path)
         finally:

@@ -30,6 +30,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, readable_mode())  # mkstemp makes it private (0600); results are shared
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -39,6 +40,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def readable_mode() -> int:
+    """0666 minus the process umask: what ``open()`` would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

@@ -142,6 +142,10 @@ def test_report_is_named_after_the_sweep_and_found_without_arguments(tmp_path, m
     assert (sweep / "table1_smoke.md").exists() and (sweep / "table1_smoke.tex").exists()
     assert (sweep / "table1_smoke.csv").exists() and (sweep / "runs.csv").exists()
     assert "most recent sweep" in capsys.readouterr().out
+    mask = os.umask(0)
+    os.umask(mask)
+    for written in ("table1_smoke.md", "runs.csv"):  # as open() would create them (was 0600)
+        assert (sweep / written).stat().st_mode & 0o777 == 0o666 & ~mask
     monkeypatch.chdir(tmp_path / "outputs")
     assert report.main([]) == 2  # no outputs/sweeps here: a clear error, not a traceback
     assert "make table1-smoke" in capsys.readouterr().err

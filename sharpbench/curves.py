@@ -191,7 +191,7 @@ def _draw(ax, x, mean, lo, hi, n_runs, style, label) -> None:
 def _figure(ncols: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(4.2 * ncols, 3.9), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 4.2 * ncols), 3.9 if ncols > 1 else 4.3), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(1, ncols, sharey=True, squeeze=False)[0]
 
@@ -244,7 +244,8 @@ def _batch_loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title:
         _draw(ax, agg["step"] + 1, agg["loss"], agg["lo"], agg["hi"], agg["n"].max(),
               _style(i, len(agg)), f"{label} (n={int(agg['n'].max())})")
     ax.set(xlabel="batch (optimizer step)", ylabel="training loss per batch (not smoothed)")
-    return _finish(fig, axes, f"Batch loss, first {epochs} epochs: {title}", stem)
+    first = "the first epoch" if epochs == 1 else f"the first {epochs} epochs"
+    return _finish(fig, axes, f"Batch loss over {first}\n{title}", stem)
 
 
 def _acc_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str) -> dict[str, Path]:

@@ -51,6 +51,7 @@ RECIPE: dict[str, tuple] = {
     "dataset.test_subset": (None,),
     "dataset.imbalance_factor": (None,),
     "dataset.label_noise": _UNSET,
+    "dataset.augment": (True, None),      # random crop (4 px padding) + flip
     "trainer.limit_train_batches": (None, 1.0),
     "label_smoothing": (0.1,),
     "schedule.name": ("multistep",),

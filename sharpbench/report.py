@@ -67,8 +67,8 @@ COMPLETED = "completed"
 DASH = "—"
 OTHER_RECIPE = "other recipe"
 # Config keys that say where data lives or how a run is shown, not what it computes.
-NOT_A_SETTING = ("seed", "dataset.root", "dataset.download", "dataset.format",
-                 "trainer.enable_progress_bar")
+NOT_A_SETTING = ("seed", "dataset.root", "dataset.download", "dataset.format", "dataset.cache",
+                 "dataset.cache_dir", "dataset.decode_workers", "trainer.enable_progress_bar")
 # Setting labels: these keys first, then the rest alphabetically; shorter names for a few.
 SETTING_FIRST = ("optimizer.rho", "optimizer.lr")
 SHORT_NAMES = {"trainer.max_epochs": "epochs", "dataset.batch_size": "batch"}

@@ -51,6 +51,8 @@ def test_paper_values_only_beside_runs_of_its_recipe():
                run("sam", 0, 40.0, dataset="cifar100", **TINY)]
     runs = runs_frame(records).set_index("method")
     assert runs.loc["friendly_sam", "paper_recipe"].str.contains("model.name=tiny_cnn").all()
+    no_augment = runs_frame([run("sam", 0, 93.0, **{"dataset.augment": False})])
+    assert no_augment["paper_recipe"].iloc[0] == "dataset.augment=False"
     table = table1(runs_frame(records))
     shown = display_table(table)
     assert shown.loc["SAM", ("CIFAR-10", "Feldman 2025")] == "92.0"

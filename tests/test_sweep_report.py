@@ -42,7 +42,7 @@ def sweep(sweep_dir, *overrides, timeout=300):
 
 
 # ------------------------------------------------------------------ a real sweep through the CLI
-# 2 methods × 2 seeds × {a working model, one whose construction raises at runtime}: 8 jobs.
+# 2 methods × 2 seeds × {a working model, one the config check refuses}: 8 jobs.
 GRID = ["optimizer=sgd,sam", "seed=0,1", "+model.width=8,-1"]
 
 
@@ -81,14 +81,17 @@ def test_sweep_table_matches_the_runs(swept):
 
 
 def test_a_failing_job_is_listed_and_the_others_complete(swept):
+    """The width=-1 jobs are refused by the config check (invalid_config): recorded, listed by
+    the callback, counted as failed in the table; the other jobs complete."""
     sweep_dir, log, _ = swept
     runs = pd.read_csv(sweep_dir / "runs.csv")
     assert len(runs) == 8
-    failed = runs[runs["status"] == "failed"]
+    failed = runs[runs["status"] != "completed"]
     assert len(failed) == 4 and (runs["status"] == "completed").sum() == 4
-    assert failed["error"].str.contains("RuntimeError").all()
+    assert failed["status"].isin(["failed", "invalid_config"]).all()
+    assert failed["error"].str.contains("width").all()
     assert failed["setting"].eq("width=-1").all()
-    assert log.count("sweep job failed: ") == 4  # the callback names every failed job
+    assert log.count("sweep job invalid_config: ") + log.count("sweep job failed: ") == 4
     table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
     bad = table[table["setting"] == "width=-1"]
     assert list(bad["n"]) == [0, 0] and list(bad["failed"]) == [2, 2]
@@ -122,7 +125,7 @@ def test_report_cli(swept, tmp_path):
                           str(tmp_path), "--no-curves"], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| SGD (width=8)  |" in out.stdout and "4 failed" in out.stdout
+    assert "| SGD (width=8)  |" in out.stdout and "4 invalid_config" in out.stdout
     assert not list(tmp_path.glob("*.png"))
 
 

@@ -514,8 +514,10 @@ def _yaml(group: str, option: str) -> dict:
 
 def yaml_defaults(group: str, option: str | None) -> dict:
     """The keys and default values the option's YAML file sets (its ``defaults`` list included)."""
-    if group in GROUPS and not GROUPS[group].named:
-        return dict(_yaml("", "train").get(group) or {}) if group == "sweep" else _yaml(group, option or "default")
+    if group in GROUPS and not GROUPS[group].named:  # trainer: conf/trainer/*; sweep: a train.yaml node
+        if not (CONF_DIR / group).is_dir():
+            return dict(_yaml("", "train").get(group) or {})
+        return _yaml(group, option or "default")
     return dict(_yaml(group, option)) if option else {}
 
 

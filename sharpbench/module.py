@@ -6,7 +6,8 @@ its family) alike. It builds the closure the optimizer calls as often as it need
 - counts forward/backward passes (``passes_per_step`` in metrics.json is measured, not assumed),
 - runs under autocast (bf16 or fp16) and, for fp16, scales the loss and unscales the gradients
   after *every* pass (``sharpbench.amp``), so the optimizer only ever sees true gradients,
-- lets only the first pass of a step update BatchNorm running statistics.
+- lets only the first pass of a step update BatchNorm running statistics (``optimizer.bn_policy``
+  selects the conventions of public implementations instead: ``sharpbench.optim.bn``).
 
 Extra inputs a method declares in ``extra_inputs`` (SSAM-F's ``fisher_closure``, A²SAM's and
 X-SAM's ``loss_closure``) and ImbSAM's head/tail ``closure(part)`` are supplied here; the module
@@ -28,7 +29,8 @@ from torch import Tensor, nn
 
 from .amp import DynamicLossScaler
 from .optim.base import SharpnessAwareOptimizer
-from .optim.bn import first_pass_updates_bn, frozen_bn_stats
+from .optim.bn import bn_policy_closure, check_bn_policy, frozen_bn_stats
+from .optim.fisher import check_fisher_options, fisher_terms
 from .optim.factory import build_optimizer
 from .schedule import build_scheduler
 
@@ -59,6 +61,10 @@ class SharpnessModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         self.grad_clip = grad_clip
         self.fisher_batch_size = fisher_batch_size
+        self.bn_policy = check_bn_policy(self.optimizer_cfg.get("bn_policy") or "first_pass")
+        self.fisher_estimator = self.optimizer_cfg.get("fisher_estimator") or "per_sample"
+        self.fisher_bn = self.optimizer_cfg.get("fisher_bn") or "eval"
+        check_fisher_options(self.fisher_estimator, self.fisher_bn, fisher_batch_size)
         self.sync_perturbation = sync_perturbation
         self.scaler = DynamicLossScaler() if self.amp_dtype == torch.float16 else None
         self.register_buffer("class_counts", class_counts if class_counts is not None
@@ -82,7 +88,9 @@ class SharpnessModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizer & schedule
     def configure_optimizers(self):
-        opt = build_optimizer(self.model, self.optimizer_cfg)
+        opt = build_optimizer(self.model, self.optimizer_cfg,
+                              context={"steps_per_epoch": self.steps_per_epoch(),
+                                       "total_epochs": self.epochs})
         sched = build_scheduler(opt, self.schedule_cfg, self.steps_per_epoch(), self.epochs)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -155,7 +163,7 @@ class SharpnessModule(L.LightningModule):
             loss = self.training_loss(logits, y, part)
             self.backward_pass(loss)
             return loss.detach()
-        return first_pass_updates_bn(self.model, closure)
+        return bn_policy_closure(self.model, closure, self.bn_policy)
 
     def make_extra_inputs(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> dict:
         extras = {}
@@ -179,21 +187,20 @@ class SharpnessModule(L.LightningModule):
         return loss_closure
 
     def _fisher_closure(self, opt: torch.optim.Optimizer):
-        """Each call: the mean NLL (true labels) over the next chunk of training samples, backward;
-        returns the chunk size. Draws from a dedicated, seeded stream over the training set."""
+        """Each call: SSAM-F's Fisher terms (``sharpbench.optim.fisher.fisher_terms``: squared
+        per-sample NLL gradients by default) over the next ``fisher_batch_size`` training samples,
+        un-augmented, BatchNorm per ``fisher_bn``. Draws from a dedicated, seeded stream."""
         data = self.trainer.datamodule
         gen = torch.Generator().manual_seed(10_007 * (self.global_step + 1) + 17)
+        params = opt.all_params()
 
-        def fisher_closure() -> int:
+        def fisher_closure():
             self.passes += 1
             idx = torch.randint(len(data.train_y), (self.fisher_batch_size,), generator=gen)
             x, y = data.fisher_batch(idx, self.device)
-            opt.zero_grad(set_to_none=True)
-            with frozen_bn_stats(self.model), self.autocast():
-                logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            self.backward_pass(loss)
-            return int(idx.numel())
+            with self.autocast():
+                return fisher_terms(self.model, params, x, y, estimator=self.fisher_estimator,
+                                    batch_size=self.fisher_batch_size, bn=self.fisher_bn)
         return fisher_closure
 
     def _before_base_step(self) -> bool:

@@ -16,10 +16,17 @@ class ASAM(SharpnessAwareOptimizer):
         e  = rho · T² g / ||T g||₂
         w <- base_step(w, ∇L_B(w + e))
 
-    By default *every* parameter is scaled (the formula as written, METHODS.md). The authors' code
-    scales only parameters whose name contains ``weight``; to reproduce that, put the others in a
-    parameter group with ``adaptive=False`` (there ``T = 1``, a plain SAM component under the same
-    global norm). ``sharpbench.optim.factory`` does this for ``adaptive_params: weights``.
+    By default *every* parameter is scaled (the formula as written in the paper). The authors'
+    code (SamsungLabs/ASAM, ``asam.py``) scales only parameters whose name contains ``weight``; to
+    reproduce that, put the others in a parameter group with ``adaptive=False`` (there
+    ``T = 1``, a plain SAM component under the same global norm).
+    ``sharpbench.optim.factory`` does this for ``adaptive_params: weights``. Their class defaults
+    to ``eta = 0.01`` (the paper's value) but their ``example_cifar.py`` passes ``--eta``, whose
+    default is 0.0.
+
+    davda54/sam's ``SAM(..., adaptive=True)`` is this method with ``eta = 0`` and every
+    parameter scaled: ``T = |w|``, ``e = rho·w²g/||w g||`` (``eta: 0``, ``adaptive_params: all``).
+    Parameters that are exactly 0 then get no perturbation.
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.5,

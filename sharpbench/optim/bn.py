@@ -1,4 +1,26 @@
-"""BatchNorm policy for multi-pass steps: only the first pass updates the running statistics."""
+"""BatchNorm running statistics during multi-pass steps (``bn_policy``).
+
+A SAM-family step runs the model more than once on the same batch. In train mode every forward
+normalises with the batch statistics (so the gradients do not depend on the policy), but each
+forward may also update ``running_mean``/``running_var``/``num_batches_tracked``, which the model
+uses in eval mode. Policies:
+
+- ``first_pass`` (default): only the first forward of a step updates them (the original JAX SAM
+  of Foret et al. 2021 keeps the first pass's statistics).
+- ``both_passes``: every forward of the step updates them, as in SamsungLabs/ASAM
+  (``example_cifar.py``), cool-xuan/Imbalanced_SAM (``utils/trainval.py``) and
+  Mi-Peng/Sparse-Sharpness-Aware-Minimization (``utils/engine.py``): none of them touches the
+  running statistics between passes. (ImbSAM's closure here runs two forwards at ``w``, head and
+  tail, where the authors' code back-propagates both from one forward; with ``both_passes`` the
+  batch at ``w`` is therefore counted twice here.)
+- ``momentum_zero``: later passes run with ``momentum = 0``, as davda54/sam
+  (``example/utility/bypass_bn.py``) and nblt/F-SAM (``train.py``) do with their
+  ``disable_running_stats`` (juntang-zhuang/GSAM's ``step`` calls a helper of that name from its
+  ``gsam/util.py`` before the second pass): the statistics keep their values but
+  ``num_batches_tracked`` still counts every pass. With the default ``momentum=0.1`` this equals
+  ``first_pass`` except for that counter; with ``momentum=None`` (cumulative average, factor
+  ``1/num_batches_tracked``) later updates are weighted differently, so results change.
+"""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -7,12 +29,18 @@ from typing import Callable, Iterator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+BN_POLICIES = ("first_pass", "both_passes", "momentum_zero")
+
+
+def _tracking_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     """Inside the block, BatchNorm layers in train mode normalise with the batch statistics but do
     not update ``running_mean``/``running_var``/``num_batches_tracked``."""
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    layers = _tracking_layers(model)
     for m in layers:
         m.track_running_stats = False
     try:
@@ -22,12 +50,36 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
-def first_pass_updates_bn(model: nn.Module, closure: Callable) -> Callable:
-    """Wrap a closure for ONE optimizer step: its first call updates BatchNorm running statistics,
-    later calls (SAM's second pass, extra samples …) do not. Make a new wrapper every step::
+@contextmanager
+def zero_momentum_bn(model: nn.Module) -> Iterator[None]:
+    """Inside the block, BatchNorm layers run with ``momentum = 0``: running statistics keep their
+    values, ``num_batches_tracked`` is still incremented (the davda54/sam convention)."""
+    layers = _tracking_layers(model)
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
 
-        loss = opt.step(first_pass_updates_bn(model, closure))
-    """
+
+def check_bn_policy(policy: str) -> str:
+    if policy not in BN_POLICIES:
+        raise ValueError(f"bn_policy must be one of {BN_POLICIES} (first_pass is the default; "
+                         f"both_passes / momentum_zero reproduce public implementations), got "
+                         f"{policy!r}")
+    return policy
+
+
+def bn_policy_closure(model: nn.Module, closure: Callable, policy: str = "first_pass") -> Callable:
+    """Wrap a closure for ONE optimizer step so that its calls update BatchNorm running
+    statistics as ``policy`` says (see the module docstring). Make a new wrapper every step."""
+    check_bn_policy(policy)
+    if policy == "both_passes":
+        return closure
+    later = frozen_bn_stats if policy == "first_pass" else zero_momentum_bn
     calls = 0
 
     def wrapped(*args, **kwargs):
@@ -35,7 +87,16 @@ def first_pass_updates_bn(model: nn.Module, closure: Callable) -> Callable:
         calls += 1
         if calls == 1:
             return closure(*args, **kwargs)
-        with frozen_bn_stats(model):
+        with later(model):
             return closure(*args, **kwargs)
 
     return wrapped
+
+
+def first_pass_updates_bn(model: nn.Module, closure: Callable) -> Callable:
+    """Wrap a closure for ONE optimizer step: its first call updates BatchNorm running statistics,
+    later calls (SAM's second pass, extra samples …) do not. Make a new wrapper every step::
+
+        loss = opt.step(first_pass_updates_bn(model, closure))
+    """
+    return bn_policy_closure(model, closure, "first_pass")

@@ -23,9 +23,13 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # Fields that configure the base optimizer; each is passed only to bases that accept it.
 BASE_FIELDS = ("lr", "momentum", "nesterov", "dampening", "weight_decay", "betas", "eps",
                "alpha", "centered", "amsgrad")
-# Fields the factory itself reads.
 # Fields read by the factory or by the driver (not passed to any optimizer constructor).
-FACTORY_FIELDS = ("name", "base", "adaptive_params", "fisher_batch_size")
+FACTORY_FIELDS = ("name", "base", "adaptive_params", "fisher_batch_size", "fisher_estimator",
+                  "fisher_bn", "bn_policy")
+# Facts about the run a method may need (e.g. SSAM's epoch-based refresh): passed by the driver
+# to ``build_optimizer(..., context=...)`` and given to a method only if its constructor names
+# them and the config does not set them.
+CONTEXT_FIELDS = ("steps_per_epoch", "total_epochs")
 
 
 class OptimizerConfigError(ValueError):
@@ -55,6 +59,19 @@ def accepted_kwargs(cls: type, kwargs: dict) -> tuple[dict, list[str]]:
     return keep, sorted(set(kwargs) - set(keep))
 
 
+def constructor_params(cls: type) -> set[str]:
+    """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up to the parents' ``__init__``."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass is torch.optim.Optimizer or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names.update(params)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
 def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict] | Iterable:
     """ASAM's ``adaptive_params: weights`` reproduces the authors' code: only parameters whose
     name contains ``weight`` get ``T = |w| + eta``; the others form a group with ``adaptive=False``."""
@@ -68,8 +85,11 @@ def param_groups(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict] | Itera
             {"params": [p for n, p in named if "weight" not in n], "adaptive": False}]
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """Instantiate the optimizer named by ``cfg['name']`` for ``model``'s parameters."""
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any],
+                    context: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+    """Instantiate the optimizer named by ``cfg['name']`` for ``model``'s parameters.
+
+    ``context`` (optional): run facts from ``CONTEXT_FIELDS`` for methods that ask for them."""
     methods = method_registry()
     name, base, base_kwargs, method_kwargs = split_fields(cfg)
     if name not in methods:
@@ -99,6 +119,10 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Opt
                 f"optimizer {name!r} is the plain {base} step and takes no method hyperparameters; "
                 f"remove {sorted(method_kwargs)} or pick a sharpness-aware method")
         return _construct(base_cls, name, model.parameters(), base_kwargs, ignored)
+    takes = constructor_params(cls)
+    for key, value in (context or {}).items():
+        if key in CONTEXT_FIELDS and key in takes and method_kwargs.get(key) is None:
+            method_kwargs[key] = value
     return _construct(cls, name, param_groups(model, cfg), {**method_kwargs, **base_kwargs},
                       ignored, base_optimizer=base_cls)
 

@@ -7,9 +7,12 @@ from torch import Tensor
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
 
 
+EMA_ORDERS = ("update_first", "subtract_previous")
+
+
 class FriendlySAM(SharpnessAwareOptimizer):
     """Friendly Sharpness-Aware Minimization (Li et al., "Friendly Sharpness-Aware Minimization",
-    CVPR 2024; seed 001, Algorithm 3).
+    CVPR 2024).
 
     The batch gradient is split into a full-gradient estimate (an EMA of past batch gradients)
     and the batch-specific "noise"; only the noise drives the adversarial perturbation. Per step,
@@ -24,11 +27,13 @@ class FriendlySAM(SharpnessAwareOptimizer):
     parameter groups (a scheduler may change them); the norm is global over all parameters.
     The EMA ``m`` is optimizer state (``self.state[p]["ema"]``), saved by ``state_dict()``.
 
-    Order of operations: this follows METHODS.md and the seed (and the paper's algorithm): the EMA
-    is updated with ``g_t`` *before* ``d_t`` is formed, starting from ``m_{-1} = 0``. The authors'
-    official code differs: it subtracts the *previous* EMA, ``d_t = g_t - σ·m_{t-1}``, and
-    initialises ``m`` to the first gradient instead of zero. With σ = 1, λ = 0.95 the first step
-    here is a SAM step (``d_0 = 0.95·g_0``, same direction).
+    Order of operations (``ema_order``): by default (``"update_first"``, the paper's algorithm)
+    the EMA is updated with ``g_t`` *before* ``d_t`` is formed, starting from ``m_{-1} = 0``; with
+    σ = 1, λ = 0.95 the first step is then a SAM step (``d_0 = 0.95·g_0``, same direction).
+    The authors' code (nblt/F-SAM, ``utils.py``, ``FriendlySAM.first_step``) subtracts the
+    *previous* EMA and initialises it to the first gradient (``ema_order="subtract_previous"``)::
+
+        d_0 = g_0,  m_0 = g_0;     d_t = g_t - σ·m_{t-1},  m_t = λ·m_{t-1} + (1-λ)·g_t
 
     Defaults: σ = 1, λ = 0.95 (the authors' CIFAR runs; they also report λ = 0.6), rho 0.05.
 
@@ -37,8 +42,13 @@ class FriendlySAM(SharpnessAwareOptimizer):
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 sigma: float = 1.0, lmbda: float = 0.95, **base_kwargs):
+                 sigma: float = 1.0, lmbda: float = 0.95, ema_order: str = "update_first",
+                 **base_kwargs):
         check_positive("rho", rho)
+        if ema_order not in EMA_ORDERS:
+            raise ValueError(f"FriendlySAM's ema_order must be one of {EMA_ORDERS}, got "
+                             f"{ema_order!r}")
+        self.ema_order = ema_order
         if not 0.0 <= lmbda < 1.0:
             raise ValueError(f"FriendlySAM's lmbda (EMA factor λ) must be in [0, 1), got {lmbda}")
         if sigma < 0:
@@ -56,12 +66,21 @@ class FriendlySAM(SharpnessAwareOptimizer):
                     continue
                 g = p.grad.detach()
                 state = self.state[p]
-                if "ema" not in state:
-                    state["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ema = state["ema"]
-                ema.mul_(lmbda).add_(g, alpha=1.0 - lmbda)          # m_t
+                if self.ema_order == "subtract_previous":
+                    if "ema" not in state:
+                        state["ema"] = g.clone()                    # m_0 = g_0, d_0 = g_0
+                        d = g.clone()
+                    else:
+                        d = g - sigma * state["ema"]                # d_t = g_t - σ·m_{t-1}
+                        state["ema"].mul_(lmbda).add_(g, alpha=1.0 - lmbda)
+                else:
+                    if "ema" not in state:
+                        state["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    ema = state["ema"]
+                    ema.mul_(lmbda).add_(g, alpha=1.0 - lmbda)      # m_t
+                    d = g - sigma * ema                             # d_t
                 params.append(p)
-                directions.append(g - sigma * ema)                  # d_t
+                directions.append(d)
                 rhos.append(group["rho"])
         if not params:
             raise ValueError("no parameter has a gradient: did the closure call backward()?")

@@ -32,10 +32,18 @@ class GSAM(SharpnessAwareOptimizer):
     group's initial ``lr``. ``rho`` is then rho_max. Without ``rho_min``, ``rho_t = rho``. The
     last value used is kept in each group as ``rho_t`` (for logging).
 
+    Adaptive variant (``adaptive=True``, ASAM-style scaling inside GSAM, as the authors'
+    ``GSAM(..., adaptive=True)``): with ``T = diag(|w| + eta)``,
+    ``e = rho_t · T²g / ||T g||₂``; the decomposition still uses the raw ``g`` and ``g_p``. The
+    authors' code (juntang-zhuang/GSAM, ``gsam/gsam.py``) scales every parameter with
+    ``T = |w|`` (``eta = 0``, the default here).
+
     Defaults: ``alpha = 0.1`` (the paper tunes α in about [0.01, 0.3] and reports it robust in
-    that range; the authors' PyTorch CIFAR example uses 0.2 together with the adaptive
-    perturbation), rho 0.05 as every method in the benchmark, ``rho_min = None`` (constant rho; the
-    benchmark's step schedule has no linear decay to follow).
+    that range), rho 0.05 as every method in the benchmark, ``rho_min = None`` (constant rho; the
+    benchmark's step schedule has no linear decay to follow), ``adaptive = False``. The authors'
+    CIFAR example (``example/train.py`` at HEAD) uses α = 0.4, ``adaptive=True`` and
+    rho_max = rho_min = 2.0 (a constant rho of 2, sensible only with the adaptive scaling), with
+    a cosine learning rate; an earlier version of that example used α = 0.2.
 
     ``alpha`` and RMSprop's smoothing constant share a name. ``gsam_alpha`` (the authors' argument
     name) sets α unambiguously; when it is given, an ``alpha`` argument is passed on to the base
@@ -50,7 +58,8 @@ class GSAM(SharpnessAwareOptimizer):
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  alpha: float | None = None, rho_min: float | None = None,
                  lr_max: float | None = None, lr_min: float = 0.0, *,
-                 gsam_alpha: float | None = None, **base_kwargs):
+                 gsam_alpha: float | None = None, adaptive: bool = False, eta: float = 0.0,
+                 **base_kwargs):
         if gsam_alpha is not None:
             if alpha is not None:
                 base_kwargs["alpha"] = alpha        # the base optimizer's (RMSprop's) alpha
@@ -60,11 +69,13 @@ class GSAM(SharpnessAwareOptimizer):
         check_positive("rho", rho)
         if alpha < 0:
             raise ValueError(f"GSAM's alpha must be >= 0 (0.1 by default), got {alpha}")
+        if eta < 0:
+            raise ValueError(f"GSAM's eta (adaptive offset, T = |w| + eta) must be >= 0, got {eta}")
         if rho_min is not None and rho_min < 0:
             raise ValueError(f"GSAM's rho_min must be >= 0, got {rho_min}")
         super().__init__(params, base_optimizer,
                          dict(rho=rho, gsam_alpha=alpha, rho_min=rho_min, lr_max=lr_max,
-                              lr_min=lr_min), **base_kwargs)
+                              lr_min=lr_min, adaptive=bool(adaptive), eta=eta), **base_kwargs)
         for group in self.param_groups:
             if group["lr_max"] is None:
                 group["lr_max"] = group["lr"]
@@ -92,7 +103,19 @@ class GSAM(SharpnessAwareOptimizer):
         rhos = [g["rho_t"] for g in self.param_groups for p in g["params"] if p.grad is not None]
         grads = [p.grad.detach() for p in params]
         self._grad_at_w = {p: g.clone() for p, g in zip(params, grads)}
-        return dict(zip(params, lp_ball_argmax(grads, rhos, 2.0)))
+        if not any(g["adaptive"] for g in self.param_groups):
+            return dict(zip(params, lp_ball_argmax(grads, rhos, 2.0)))
+        return dict(zip(params, self.adaptive_perturbation(params, grads, rhos)))
+
+    def adaptive_perturbation(self, params: list[Tensor], grads: list[Tensor],
+                              rhos: list[float]) -> list[Tensor]:
+        """``rho_t · T²g / ||T g||₂``, ``T = |w| + eta`` in adaptive groups (``T = 1`` elsewhere)."""
+        group_of = {p: group for group in self.param_groups for p in group["params"]}
+        scales = [p.abs().add_(group_of[p]["eta"]) if group_of[p]["adaptive"] else None
+                  for p in params]
+        t_g = [g if t is None else t * g for g, t in zip(grads, scales)]
+        inv_norm = 1.0 / (global_grad_norm(t_g, 2.0) + 1e-12)
+        return [(tg if t is None else t * tg) * (inv_norm * r) for tg, t, r in zip(t_g, scales, rhos)]
 
     @torch.no_grad()
     def apply_gap_correction(self) -> None:

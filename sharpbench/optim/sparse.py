@@ -9,12 +9,23 @@ from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, require_closure
 
-FisherClosure = Callable[[], int]
+FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
+
+PERTURBATION_NORMS = ("masked", "full")
+MASK_ROUNDINGS = ("half_up", "floor")
+UPDATE_UNITS = ("step", "epoch")
+REFRESH_TIMINGS = ("current_step", "next_step")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 class SparseSAM(SharpnessAwareOptimizer):
     """Common machinery of SSAM-F and SSAM-D (Mi et al., "Make Sharpness-Aware Minimization
-    Stronger: A Sparsified Perturbation Approach", NeurIPS 2022; seed 001, Algorithm 4).
+    Stronger: A Sparsified Perturbation Approach", NeurIPS 2022).
 
     A binary mask ``m`` with ``||m||₀ = round((1-s)·d)`` ones, counted *globally* over all ``d``
     parameters of the optimizer (not per tensor), restricts SAM's perturbation::
@@ -30,22 +41,51 @@ class SparseSAM(SharpnessAwareOptimizer):
     parameter). A mask that does not exist yet counts as full (a dense SAM perturbation); each
     subclass makes sure one exists before it is first used.
 
+    Switches (defaults: the paper's formulas; the other value: the authors' released code,
+    Mi-Peng/Sparse-Sharpness-Aware-Minimization, ``solver/sam.py``):
+
+    - ``perturbation_norm``: ``"masked"`` normalises by ``||m ⊙ g||`` (``||e|| = rho``);
+      ``"full"`` by ``||g||`` as their ``first_step`` does (``e = rho·(m ⊙ g)/||g||``,
+      ``||e|| < rho``).
+    - ``mask_rounding``: ``"half_up"`` keeps ``floor((1-s)·d + 0.5)`` coordinates; ``"floor"``
+      keeps ``int((1-s)·d)`` (their SSAM-F) or ``d - ceil(s·d)`` (their SSAM-D's initial mask).
+    - ``update_unit``: ``"step"`` refreshes every K optimizer steps (the benchmark recipe);
+      ``"epoch"`` every K epochs (their ``update_freq``, at the first batch of epochs 0, K, 2K, …),
+      which needs ``steps_per_epoch`` (the Lightning module supplies it).
+    - ``refresh_timing``: ``"current_step"`` uses a refreshed mask on the step that refreshes
+      it; ``"next_step"`` refreshes after the step's perturbation is formed, as their code does
+      (see each subclass).
+
     Cost: masks multiply a *dense* perturbation and the second pass is a dense forward/backward,
-    so there is no wall-clock saving on GPUs (the seed's "+5–6 % over SGD" is not expected; measure
-    it). ``round`` is round-half-up: ``floor((1-s)·d + 0.5)``.
+    so there is no wall-clock saving on GPUs (measured in the README).
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 sparsity: float = 0.5, update_interval: int = 5, **base_kwargs):
+                 sparsity: float = 0.5, update_interval: int = 5, *,
+                 perturbation_norm: str = "masked", mask_rounding: str = "half_up",
+                 update_unit: str = "step", steps_per_epoch: int | None = None,
+                 refresh_timing: str = "current_step", **base_kwargs):
         check_positive("rho", rho)
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity s must be in [0, 1) (fraction of coordinates NOT perturbed; "
                              f"0.5 in the paper), got {sparsity}")
         if int(update_interval) != update_interval or update_interval < 1:
             raise ValueError(f"update_interval K must be a positive integer, got {update_interval}")
+        self.perturbation_norm = _choice("perturbation_norm", perturbation_norm, PERTURBATION_NORMS)
+        self.mask_rounding = _choice("mask_rounding", mask_rounding, MASK_ROUNDINGS)
+        self.update_unit = _choice("update_unit", update_unit, UPDATE_UNITS)
+        self.refresh_timing = _choice("refresh_timing", refresh_timing, REFRESH_TIMINGS)
+        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch
+                                            or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch}")
+        if update_unit == "epoch" and steps_per_epoch is None:
+            raise ValueError("update_unit='epoch' needs steps_per_epoch (optimizer steps per "
+                             "epoch); the Lightning module passes it, plain PyTorch users pass "
+                             "len(train_loader)")
         super().__init__(params, base_optimizer, dict(rho=rho), **base_kwargs)
         self.sparsity = float(sparsity)
         self.update_interval = int(update_interval)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
 
     # ---------------------------------------------------------------------------- bookkeeping
     def all_params(self) -> list[Tensor]:
@@ -57,8 +97,18 @@ class SparseSAM(SharpnessAwareOptimizer):
 
     @property
     def num_active(self) -> int:
-        """``||m||₀ = round((1-s)·d)``."""
-        return int(math.floor((1.0 - self.sparsity) * self.num_params + 0.5))
+        """``||m||₀``: ``floor((1-s)·d + 0.5)`` (``half_up``) or ``int((1-s)·d)`` (``floor``)."""
+        d = self.num_params
+        if self.mask_rounding == "floor":
+            return int(d * (1.0 - self.sparsity))
+        return int(math.floor((1.0 - self.sparsity) * d + 0.5))
+
+    @property
+    def refresh_period(self) -> int:
+        """Steps between refreshes: K, or K·steps_per_epoch with ``update_unit='epoch'``."""
+        if self.update_unit == "epoch":
+            return self.update_interval * self.steps_per_epoch
+        return self.update_interval
 
     @property
     def steps_taken(self) -> int:
@@ -66,8 +116,9 @@ class SparseSAM(SharpnessAwareOptimizer):
         return int(self.state[params[0]].get("step", 0)) if params else 0
 
     def refresh_due(self) -> bool:
-        """Whether the mask is refreshed on the coming step (steps 0, K, 2K, …)."""
-        return self.steps_taken % self.update_interval == 0
+        """Whether the mask is refreshed on the coming step (steps 0, P, 2P, …, P the
+        :attr:`refresh_period`)."""
+        return self.steps_taken % self.refresh_period == 0
 
     def _advance_step(self) -> None:
         t = self.steps_taken + 1
@@ -111,10 +162,13 @@ class SparseSAM(SharpnessAwareOptimizer):
     def _before_perturbation(self) -> None:
         """Subclass hook: make sure the mask of the current step exists (refresh it if due)."""
 
+    def _after_perturbation(self) -> None:
+        """Subclass hook, after ``e`` is formed and before the step counter advances."""
+
     @torch.no_grad()
-    def perturbation(self) -> dict[Tensor, Tensor]:
-        self._before_perturbation()
-        params, masked, rhos = [], [], []
+    def masked_perturbation(self) -> dict[Tensor, Tensor]:
+        """``rho·(m ⊙ g)/||m ⊙ g||`` (or ``/||g||`` with ``perturbation_norm='full'``)."""
+        params, grads, masked, rhos = [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -122,53 +176,79 @@ class SparseSAM(SharpnessAwareOptimizer):
                 mask = self.state[p].get("mask")
                 g = p.grad.detach()
                 params.append(p)
+                grads.append(g)
                 masked.append(g * mask if mask is not None else g.clone())
                 rhos.append(group["rho"])
         if not params:
             raise ValueError("no parameter has a gradient: did the closure call backward()?")
-        inv_norm = 1.0 / (global_grad_norm(masked, 2.0) + 1e-12)
-        self._advance_step()
+        norm_of = masked if self.perturbation_norm == "masked" else grads
+        inv_norm = 1.0 / (global_grad_norm(norm_of, 2.0) + 1e-12)
         return {p: mg.mul_(inv_norm * r) for p, mg, r in zip(params, masked, rhos)}
+
+    @torch.no_grad()
+    def perturbation(self) -> dict[Tensor, Tensor]:
+        self._before_perturbation()
+        eps = self.masked_perturbation()
+        self._after_perturbation()
+        self._advance_step()
+        return eps
 
 
 class SSAMF(SparseSAM):
     """SSAM-F: Sparse SAM with a Fisher-information mask (Mi et al., NeurIPS 2022).
 
     Every K steps (steps 0, K, 2K, …), *before* the step's own closure, the mask is rebuilt from
-    the empirical Fisher diagonal ``F_i = E[(∂ log p(y|x)/∂w_i)²]`` over at least ``num_samples``
-    training samples: the ``round((1-s)·d)`` coordinates with the largest ``F_i`` (global top-k,
-    ties broken arbitrarily) are perturbed, the rest are not. Then the step is a sparse SAM step
-    (see :class:`SparseSAM`). Because step 0 refreshes, a mask always exists before it is used.
+    the empirical Fisher diagonal over ``num_samples`` = n_s training samples::
 
-    ``step(closure, fisher_closure=None)``. Protocol of ``fisher_closure`` (no arguments): each call
-    zeroes the gradients, runs forward + backward of the *mean* negative log-likelihood with the
-    true labels over a chunk of training samples chosen by the driver (for example the next
-    samples of a fixed or shuffled Fisher subset), and returns the number of samples in that chunk
-    (``int``). SSAM-F calls it until at least ``num_samples`` samples were seen, accumulating
-    ``chunk_size · grad²``, and divides by the samples seen. With chunk size 1 this is exactly the
-    empirical Fisher diagonal; larger chunks give the cheaper squared-mini-batch-gradient
-    approximation the authors' code uses (``n·ḡ² = (Σ g_i)²/n``, which also contains the
-    cross terms). The Fisher passes happen before the main closure, which zeroes the gradients
-    again, so the step itself is unaffected; the gradients are also zeroed after them.
-    ``num_fisher_passes`` counts the ``fisher_closure`` calls (for cost reports).
+        F_i = (1/n_s) Σ_j (∂ log p(y_j | x_j; w) / ∂w_i)²        (one squared gradient per sample)
 
-    The driver should make ``fisher_closure`` leave BatchNorm running statistics alone (e.g. run
-    its forward under :func:`sharpbench.optim.frozen_bn_stats`) and, under DDP, skip the
-    gradient all-reduce (``no_sync``). Drivers that call :meth:`first_step` themselves call
-    :meth:`refresh_mask` first whenever :meth:`refresh_due` is true.
+    keeping the ``round((1-s)·d)`` coordinates with the largest ``F_i`` (global top-k, ties broken
+    arbitrarily); then the step is a sparse SAM step (see :class:`SparseSAM`). Because step 0
+    refreshes, a mask always exists before it is used.
 
-    Defaults (paper, seed 001 Table 1): s = 0.5, K = 5, n_s = 256, rho 0.05.
+    ``step(closure, fisher_closure=None)``. ``fisher_closure()`` is called until ``num_samples``
+    samples are seen; each call returns either
+
+    - ``(S, n)``: for every parameter of the optimizer (:meth:`all_params` order), ``S`` the sum
+      over ``n`` samples of squared per-sample gradients of the negative log-likelihood (true
+      labels). :func:`sharpbench.optim.fisher.fisher_terms` computes it in batched passes
+      (``torch.func``), per sample (the default, the paper's and the authors' estimator) or
+      chunked; or
+    - ``n`` (an ``int``): the closure zeroed the gradients and back-propagated the *mean* NLL over
+      ``n`` samples; SSAM-F accumulates ``n·grad²``. With ``n = 1`` per call this is the
+      per-sample Fisher at one backward per sample; larger chunks give the chunked estimator
+      ``Σ n_c·ḡ_c²``, which also contains the cross terms ``∇ℓ_i ⊙ ∇ℓ_j`` and which neither the
+      paper nor the authors' code uses (their ``update_mask`` loops a ``batch_size=1`` loader),
+      and which selects a different mask (``tests/test_parity.py`` shows one).
+
+    The Fisher sum is divided by the samples seen; the gradients are zeroed after the Fisher
+    passes, so the step itself is unaffected. ``num_fisher_passes`` counts ``fisher_closure``
+    calls. The driver should leave BatchNorm running statistics alone during the estimate (the
+    Lightning module evaluates it with BatchNorm in eval mode by default, ``fisher_bn``) and,
+    under DDP, skip the gradient all-reduce. Drivers that call :meth:`first_step` themselves
+    call :meth:`refresh_mask` first whenever :meth:`refresh_due` is true.
+
+    The authors' schedule (``refresh_timing="next_step"``, with ``update_unit="epoch"`` their
+    ``update_freq``): the mask starts all zeros, so the first step perturbs nothing (a plain
+    base step at two passes' cost), and a due refresh runs *after* that step's base step, from
+    the Fisher at the updated weights; the new mask is used from the next step on. Not
+    reproduced: their first Fisher sample is back-propagated onto the gradient left by the step
+    (their ``update_mask`` does not zero it first), and their ``batch_size=1`` forwards in train
+    mode overwrite the BatchNorm running statistics.
+
+    Defaults (the benchmark recipe, Feldman 2025, Table 1; sparsity and n_s as in the paper's
+    CIFAR runs): s = 0.5, K = 5 steps, n_s = 256, rho 0.05.
     """
 
     extra_inputs = ("fisher_closure",)
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  sparsity: float = 0.5, update_interval: int = 5, num_samples: int = 256,
-                 **base_kwargs):
+                 **kwargs):
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples (n_s) must be a positive integer, got {num_samples}")
         super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity,
-                         update_interval=update_interval, **base_kwargs)
+                         update_interval=update_interval, **kwargs)
         self.num_samples = int(num_samples)
         self.num_fisher_passes = 0
 
@@ -180,29 +260,39 @@ class SSAMF(SparseSAM):
         seen = 0
         while seen < self.num_samples:
             with torch.enable_grad():
-                n = fisher_closure()
+                out = fisher_closure()
             self.num_fisher_passes += 1
+            if isinstance(out, tuple):
+                sums, n = out
+                if len(sums) != len(params):
+                    raise ValueError(f"fisher_closure returned {len(sums)} tensors; expected one "
+                                     f"per optimizer parameter ({len(params)})")
+                for a, s_ in zip(acc, sums):
+                    a.add_(s_)
+            else:
+                n = out
+                for a, p in zip(acc, params):
+                    if p.grad is not None:
+                        a.addcmul_(p.grad, p.grad, value=float(int(n)))
             n = int(n)
             if n <= 0:
-                raise ValueError(f"fisher_closure must return the number of samples it used (> 0), "
+                raise ValueError(f"fisher_closure must report the number of samples it used (> 0), "
                                  f"got {n}")
-            for a, p in zip(acc, params):
-                if p.grad is not None:
-                    a.addcmul_(p.grad, p.grad, value=float(n))
             seen += n
         self.zero_grad()
         return [a.div_(seen) for a in acc]
 
     @torch.no_grad()
     def refresh_mask(self, fisher_closure: FisherClosure | None) -> None:
-        """Rebuild the mask from the Fisher diagonal (top ``round((1-s)·d)`` coordinates)."""
+        """Rebuild the mask from the Fisher diagonal (top ``||m||₀`` coordinates)."""
         if fisher_closure is None:
             raise ValueError(
                 "SSAMF refreshes its mask on this step and needs fisher_closure: call "
-                "opt.step(closure, fisher_closure=fc), where fc() zeroes the gradients, runs "
-                "forward + backward of the mean negative log-likelihood (true labels) over a chunk "
-                "of training samples and returns the chunk's sample count (int); it is called "
-                f"until {self.num_samples} samples are seen, every {self.update_interval} steps")
+                "opt.step(closure, fisher_closure=fc), where fc() returns "
+                "sharpbench.optim.fisher.fisher_terms(model, opt.all_params(), x, y) for a chunk "
+                "of training samples (or back-propagates their mean NLL and returns their "
+                f"count); it is called until {self.num_samples} samples are seen, every "
+                f"{self.refresh_period} steps")
         scores = self._flat(self.fisher_diagonal(fisher_closure))
         self._set_masks(self._top_k_mask(scores, self.num_active))
         t = self.steps_taken
@@ -211,6 +301,11 @@ class SSAMF(SparseSAM):
 
     def _before_perturbation(self) -> None:
         params = self.all_params()
+        if self.refresh_timing == "next_step":
+            if "mask" not in self.state[params[0]]:
+                self._set_masks(torch.zeros(self.num_params, dtype=torch.bool,
+                                            device=params[0].device))
+            return
         if self.refresh_due() and self.state[params[0]].get("mask_step") != self.steps_taken:
             raise RuntimeError(
                 "SSAMF: the mask is due for a refresh on this step; call "
@@ -219,11 +314,21 @@ class SSAMF(SparseSAM):
 
     @torch.no_grad()
     def step(self, closure=None, fisher_closure: FisherClosure | None = None) -> Tensor:
-        """One step: the Fisher passes if a refresh is due, then the two SAM passes."""
+        """One step: the Fisher passes if a refresh is due, then the two SAM passes (with
+        ``refresh_timing="next_step"``: the two passes, then the Fisher passes)."""
         closure = require_closure(closure, type(self).__name__)
-        if self.refresh_due():
+        due = self.refresh_due()
+        if due and self.refresh_timing == "current_step":
             self.refresh_mask(fisher_closure)
-        return super().step(closure)
+        elif due and fisher_closure is None:
+            self.refresh_mask(None)                       # the clear error, before any pass
+        loss = super().step(closure)
+        if due and self.refresh_timing == "next_step":
+            self.refresh_mask(fisher_closure)
+        return loss
+
+
+DROP_SCHEDULES = ("constant", "cosine")
 
 
 class SSAMD(SparseSAM):
@@ -233,33 +338,55 @@ class SSAMD(SparseSAM):
     …), using the current step's gradient ``g`` at ``w`` (after the first pass, before ``e`` is
     formed):
 
-    - drop: the ``round(drop_rate · ||m||₀)`` *active* coordinates with the smallest ``|g|``
+    - drop: the ``round(r_t · ||m||₀)`` *active* coordinates with the smallest ``|g|``
       (coordinates without a gradient count as ``|g| = 0``) leave the mask;
     - grow: the same number of coordinates, chosen uniformly at random among those that were
       *inactive before the drop* (so a dropped coordinate is not regrown at once), join it;
 
-    so ``||m||₀`` stays ``round((1-s)·d)``. Growth is random as METHODS.md and the seed
-    (``I_grow`` random) specify; dynamic-sparse-training variants that grow by gradient
-    magnitude exist, but this is not one of them. The number dropped is capped by the number of
-    inactive coordinates.
+    so ``||m||₀`` stays ``round((1-s)·d)``. Growth is random, as in the paper and in the
+    authors' default (``growth_strategy='random'``, drop by ``'gradient'``). The number dropped
+    is capped by the number of inactive coordinates. The drop rate ``r_t`` is ``drop_rate``
+    (``drop_schedule="constant"``, the benchmark recipe) or, as in the authors' code
+    (``DeathRate_Scheduler``), ``drop_rate·(1 + cos(π·epoch/total_epochs))/2``
+    (``drop_schedule="cosine"``; needs ``steps_per_epoch`` and ``total_epochs``, supplied by the
+    Lightning module).
+
+    The authors' released code (Mi-Peng/Sparse-Sharpness-Aware-Minimization, ``solver/sam.py``)
+    also differs in when the new mask is used: its ``step`` forms ``e`` with the old mask and
+    updates the mask afterwards (from the same ``g``), so the new mask is first used on the next
+    step (``refresh_timing="next_step"``); it keeps ``int((d - s·d)(1 - r_t))`` active
+    coordinates and grows ``int(min((d - s·d)·r_t, s·d))`` (``mask_rounding="floor"``, so
+    ``||m||₀`` may drift by rounding), refreshes every K *epochs*
+    (``update_unit="epoch"``) and normalises ``e`` by ``||g||`` (``perturbation_norm="full"``).
 
     Randomness is reproducible and resumable: every draw uses a fresh ``torch.Generator`` on the
     parameters' device seeded from ``(seed, step)`` (the step counter is optimizer state), so a
     resumed optimizer draws exactly what the uninterrupted one would. The random stream depends
-    on the device type (CPU and CUDA generators differ).
+    on the device type (CPU and CUDA generators differ), and differs from the authors' (global
+    ``torch.rand``).
 
-    Defaults (paper, seed 001 Table 1): s = 0.5, K = 5, drop fraction 0.2, rho 0.05.
+    Defaults (the benchmark recipe, Feldman 2025, Table 1): s = 0.5, K = 5 steps, drop fraction
+    0.2, rho 0.05.
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  sparsity: float = 0.5, update_interval: int = 5, drop_rate: float = 0.2,
-                 seed: int = 0, **base_kwargs):
+                 seed: int = 0, *, drop_schedule: str = "constant",
+                 total_epochs: int | None = None, **kwargs):
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"drop_rate must be in [0, 1] (0.2 in the paper), got {drop_rate}")
+        _choice("drop_schedule", drop_schedule, DROP_SCHEDULES)
+        if drop_schedule == "cosine" and (total_epochs is None or kwargs.get("steps_per_epoch")
+                                          is None):
+            raise ValueError("drop_schedule='cosine' decays the drop rate over epochs and needs "
+                             "total_epochs and steps_per_epoch (the Lightning module supplies "
+                             "both)")
         super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity,
-                         update_interval=update_interval, **base_kwargs)
+                         update_interval=update_interval, **kwargs)
         self.drop_rate = float(drop_rate)
         self.seed = int(seed)
+        self.drop_schedule = drop_schedule
+        self.total_epochs = None if total_epochs is None else int(total_epochs)
 
     def _generator(self, step: int, device: torch.device) -> torch.Generator:
         gen = torch.Generator(device=device)
@@ -268,37 +395,64 @@ class SSAMD(SparseSAM):
         gen.manual_seed((self.seed * 1_000_000_007 + step + 1) % (2 ** 63 - 1))
         return gen
 
+    def drop_rate_at(self, step: int) -> float:
+        """``r_t``: constant, or the authors' cosine over epochs."""
+        if self.drop_schedule == "constant":
+            return self.drop_rate
+        epoch = step // self.steps_per_epoch
+        return self.drop_rate * (1.0 + math.cos(math.pi * epoch / self.total_epochs)) / 2.0
+
     @torch.no_grad()
     def init_mask(self) -> None:
-        """Random mask with ``round((1-s)·d)`` ones, from ``(seed, step=-1)``."""
+        """Random mask with ``||m||₀`` ones (``d - ceil(s·d)`` with ``mask_rounding='floor'``),
+        from ``(seed, step=-1)``."""
         device = self.all_params()[0].device
-        scores = torch.rand(self.num_params, generator=self._generator(-1, device), device=device)
-        self._set_masks(self._top_k_mask(scores, self.num_active))
+        d = self.num_params
+        k = d - math.ceil(d * self.sparsity) if self.mask_rounding == "floor" else self.num_active
+        scores = torch.rand(d, generator=self._generator(-1, device), device=device)
+        self._set_masks(self._top_k_mask(scores, k))
+
+    def _keep_and_grow(self, n_active: int, d: int, rate: float) -> tuple[int, int]:
+        """How many active coordinates stay and how many inactive ones join."""
+        if self.mask_rounding == "floor":
+            dense = d - d * self.sparsity
+            keep = int(dense * (1.0 - rate))
+            grow = int(min(dense * rate, d * self.sparsity))
+            return min(keep, n_active), min(grow, d - n_active)
+        n_drop = min(int(math.floor(rate * n_active + 0.5)), d - n_active)
+        return n_active - n_drop, n_drop
 
     @torch.no_grad()
     def update_mask(self) -> None:
-        """Drop the smallest-|g| active coordinates, grow as many random inactive ones."""
+        """Drop the smallest-|g| active coordinates, grow random inactive ones."""
         params = self.all_params()
         device = params[0].device
         active = self._flat([self.state[p]["mask"] for p in params]).bool()
         n_active = int(active.sum().item())
-        n_drop = min(int(math.floor(self.drop_rate * n_active + 0.5)), active.numel() - n_active)
-        if n_drop <= 0:
+        n_keep, n_grow = self._keep_and_grow(n_active, active.numel(),
+                                             self.drop_rate_at(self.steps_taken))
+        n_drop = n_active - n_keep
+        if n_drop <= 0 and n_grow <= 0:
             return
-        grad_abs = self._flat([p.grad.detach().abs() if p.grad is not None
-                               else torch.zeros_like(p) for p in params])
-        drop_scores = grad_abs.masked_fill(~active, math.inf)
-        drop = torch.topk(drop_scores, n_drop, largest=False, sorted=False).indices
-        grow_scores = torch.rand(active.numel(), generator=self._generator(self.steps_taken, device),
-                                 device=device).masked_fill(active, -1.0)
-        grow = torch.topk(grow_scores, n_drop, sorted=False).indices
         new = active.clone()
-        new[drop] = False
-        new[grow] = True
+        if n_drop > 0:
+            grad_abs = self._flat([p.grad.detach().abs() if p.grad is not None
+                                   else torch.zeros_like(p) for p in params])
+            drop_scores = grad_abs.masked_fill(~active, math.inf)
+            new[torch.topk(drop_scores, n_drop, largest=False, sorted=False).indices] = False
+        if n_grow > 0:
+            grow_scores = torch.rand(active.numel(),
+                                     generator=self._generator(self.steps_taken, device),
+                                     device=device).masked_fill(active, -1.0)
+            new[torch.topk(grow_scores, n_grow, sorted=False).indices] = True
         self._set_masks(new)
 
     def _before_perturbation(self) -> None:
         if not self.masks():
             self.init_mask()
-        if self.refresh_due():
+        if self.refresh_timing == "current_step" and self.refresh_due():
+            self.update_mask()
+
+    def _after_perturbation(self) -> None:
+        if self.refresh_timing == "next_step" and self.refresh_due():
             self.update_mask()

@@ -1,0 +1,143 @@
+"""Terms of SSAM-F's empirical Fisher diagonal, computed in batched passes.
+
+For samples ``(x_i, y_i)``, ``i = 1..n``, and ``ℓ_i(w) = -log p(y_i | x_i; w)``:
+
+- ``per_sample`` (the estimator of Mi et al., NeurIPS 2022, and of their released code, whose
+  ``update_mask`` loops a ``batch_size=1`` loader)::
+
+      S = Σ_i (∇ℓ_i(w))²                  (one squared gradient per sample)
+
+  computed with ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call`` of the model on
+  one sample, ``batch_size`` samples per vectorised pass. The result equals ``n`` single-sample
+  backward passes (to rounding) at the cost of about ``n / batch_size`` batched passes.
+- ``chunked`` (a cheaper estimator that nobody's paper uses; kept as an explicit option)::
+
+      S = Σ_chunks n_c · (∇ (1/n_c) Σ_{i∈c} ℓ_i(w))²      (squared chunk-mean gradients)
+
+  which also contains the cross terms ``∇ℓ_i ⊙ ∇ℓ_j`` of each chunk.
+
+``S / n`` is the Fisher diagonal estimate. BatchNorm during the estimate (``bn``):
+
+- ``eval`` (default): running statistics normalise each sample, so ``ℓ_i`` depends on sample
+  ``i`` alone and the per-sample gradient is well defined; nothing is updated.
+- ``train``: each sample is normalised by its *own* statistics (a batch of one, over its spatial
+  positions), as the authors' ``batch_size=1`` loop in train mode does; running statistics are
+  not updated here (their loop also overwrites them with these single-sample statistics, which
+  we do not reproduce).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bn import frozen_bn_stats
+
+ESTIMATORS = ("per_sample", "chunked")
+BN_MODES = ("eval", "train")
+
+
+def check_fisher_options(estimator: str, bn: str, batch_size: int) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"fisher estimator must be one of {ESTIMATORS} (per_sample is the "
+                         f"paper's and the authors'), got {estimator!r}")
+    if bn not in BN_MODES:
+        raise ValueError(f"fisher_bn must be one of {BN_MODES}, got {bn!r}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"fisher_batch_size must be a positive integer, got {batch_size}")
+
+
+@contextmanager
+def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """``eval``: the whole model in eval mode; ``train``: train mode with BatchNorm running
+    statistics left alone. Each module's own mode is restored afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        if mode == "eval":
+            model.eval()
+            yield
+        else:
+            model.train()
+            with frozen_bn_stats(model):
+                yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def _at_least_fp32(logits: Tensor) -> Tensor:
+    """Logits in float32 (from bf16/fp16 autocast) or float64, for the loss."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _names_of(model: nn.Module, params: list[Tensor]) -> list[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError(f"{len(missing)} optimizer parameter(s) are not parameters of the model "
+                         "given to the Fisher estimate; pass the model the optimizer trains")
+    return [by_id[id(p)] for p in params]
+
+
+def per_sample_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
+                             batch_size: int = 32) -> list[Tensor]:
+    """``Σ_i (∇_w ℓ_i)²`` for each tensor in ``params``, ``batch_size`` samples per vmap pass.
+
+    The model's current train/eval mode is used as is (see :func:`bn_mode`)."""
+    from torch.func import functional_call, grad, vmap
+
+    names = _names_of(model, params)
+    own = {n: p.detach() for n, p in zip(names, params)}
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in own}
+    rest.update(dict(model.named_buffers()))
+
+    def sample_loss(weights: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = functional_call(model, (weights, rest), (xi.unsqueeze(0),))
+        return F.cross_entropy(_at_least_fp32(logits), yi.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    sums = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for xc, yc in zip(x.split(batch_size), y.split(batch_size)):
+            grads = per_sample_grad(own, xc, yc)
+            for s, n in zip(sums, names):
+                g = grads[n]
+                s.add_(torch.einsum("b...,b...->...", g, g).to(s.dtype))
+    return sums
+
+
+def chunked_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
+                          batch_size: int = 64) -> list[Tensor]:
+    """``Σ_chunks n_c · (∇ mean_{i∈c} ℓ_i)²`` (``.grad`` is not touched)."""
+    sums = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for xc, yc in zip(x.split(batch_size), y.split(batch_size)):
+            loss = F.cross_entropy(_at_least_fp32(model(xc)), yc)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for s, g in zip(sums, grads):
+                if g is not None:
+                    s.addcmul_(g, g, value=float(len(yc)))
+    return sums
+
+
+def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *,
+                 estimator: str = "per_sample", batch_size: int = 32,
+                 bn: str = "eval") -> tuple[list[Tensor], int]:
+    """``(S, n)`` for the samples ``x, y``: what an SSAM-F ``fisher_closure`` returns.
+
+    Example (plain PyTorch)::
+
+        opt.step(closure, fisher_closure=lambda: fisher_terms(model, opt.all_params(), xf, yf))
+    """
+    check_fisher_options(estimator, bn, batch_size)
+    if len(x) != len(y):
+        raise ValueError(f"Fisher samples and labels differ in number: {len(x)} vs {len(y)}")
+    with bn_mode(model, bn):
+        if estimator == "per_sample":
+            sums = per_sample_squared_grads(model, params, x, y, batch_size)
+        else:
+            sums = chunked_squared_grads(model, params, x, y, batch_size)
+    return sums, int(len(y))

@@ -256,7 +256,8 @@ def check_config(cfg: Any) -> None:
     # Build the optimizer on a stand-in parameter: every hyperparameter check of every method
     # (rho <= 0, p < 1, sparsity outside [0, 1), unknown base …) runs here, before any data loads.
     probe = nn.Sequential(nn.Linear(2, 2))
-    build_optimizer(probe, OmegaConf.to_container(cfg.optimizer, resolve=True))
+    build_optimizer(probe, OmegaConf.to_container(cfg.optimizer, resolve=True),
+                    context={"steps_per_epoch": 1, "total_epochs": int(cfg.trainer.max_epochs)})
 
 
 def check_data(cfg: Any, data: Any) -> None:

@@ -522,3 +522,48 @@ def test_fisher_options_are_checked():
         fisher_terms(model, list(model.parameters()), x, y, bn="frozen")
     with pytest.raises(ValueError, match="not parameters of the model"):
         fisher_terms(model, [nn.Parameter(torch.zeros(3, dtype=DT))], x, y)
+
+
+# --------------------------------------------------------------- the switches reach the driver
+@pytest.mark.parametrize("policy, counted", [("first_pass", 1), ("both_passes", 2),
+                                             ("momentum_zero", 2)])
+def test_module_applies_bn_policy_from_the_optimizer_config(policy, counted):
+    from sharpbench.module import SharpnessModule
+    model = make_model(bn_momentum=0.5)
+    module = SharpnessModule(model, dict(name="sam", rho=0.05, bn_policy=policy, **SGD_KW),
+                             dict(name="constant"), num_classes=N_CLASSES, epochs=1)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KW)
+    x, y = make_batches(1)[0]
+    before = model[1].running_mean.clone()
+    opt.step(module.make_closure(opt, x, y))
+    assert int(model[1].num_batches_tracked) == counted
+    first_only = make_model(bn_momentum=0.5)
+    first_only.train()
+    first_only(x)                                          # one update from the batch at w
+    moved_once = torch.allclose(model[1].running_mean, first_only[1].running_mean)
+    assert moved_once == (policy != "both_passes")
+    assert not torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("field, value, choices", [("bn_policy", "second_pass", "first_pass"),
+                                                    ("fisher_estimator", "exact", "per_sample"),
+                                                    ("fisher_bn", "frozen", "eval")])
+def test_bad_driver_fields_are_refused_with_the_choices(field, value, choices):
+    from sharpbench.module import SharpnessModule
+    from sharpbench.optim.factory import OptimizerConfigError
+    cfg = dict(name="ssam_f", **{field: value})
+    with pytest.raises(OptimizerConfigError, match=choices):
+        build_optimizer(make_model(), cfg)
+    with pytest.raises(ValueError, match=choices):
+        SharpnessModule(make_model(), cfg, dict(name="constant"), num_classes=N_CLASSES, epochs=1)
+
+
+def test_factory_gives_epoch_facts_to_ssam_only_when_asked():
+    context = {"steps_per_epoch": 7, "total_epochs": 3}
+    opt = build_optimizer(make_model(), dict(name="ssam_d", update_unit="epoch",
+                                             drop_schedule="cosine", **SGD_KW), context=context)
+    assert (opt.steps_per_epoch, opt.total_epochs, opt.refresh_period) == (7, 3, 5 * 7)
+    sam = build_optimizer(make_model(), dict(name="sam", **SGD_KW), context=context)
+    assert isinstance(sam, SAM)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        SSAMF(make_model().parameters(), torch.optim.SGD, update_unit="epoch", **SGD_KW)

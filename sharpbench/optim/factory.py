@@ -59,6 +59,19 @@ def accepted_kwargs(cls: type, kwargs: dict) -> tuple[dict, list[str]]:
     return keep, sorted(set(kwargs) - set(keep))
 
 
+def check_driver_fields(cfg: Mapping[str, Any]) -> None:
+    """The fields the driver reads (BatchNorm policy, SSAM-F's Fisher estimate), checked here so
+    that a bad value stops the run before any data loads."""
+    from .bn import check_bn_policy
+    from .fisher import check_fisher_options
+    try:
+        check_bn_policy(cfg.get("bn_policy") or "first_pass")
+        check_fisher_options(cfg.get("fisher_estimator") or "per_sample",
+                             cfg.get("fisher_bn") or "eval", cfg.get("fisher_batch_size") or 32)
+    except ValueError as err:
+        raise OptimizerConfigError(f"optimizer: {err}") from err
+
+
 def constructor_params(cls: type) -> set[str]:
     """Keyword names ``cls(...)`` accepts, following ``**kwargs`` up to the parents' ``__init__``."""
     names: set[str] = set()
@@ -91,6 +104,7 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any],
 
     ``context`` (optional): run facts from ``CONTEXT_FIELDS`` for methods that ask for them."""
     methods = method_registry()
+    check_driver_fields(cfg)
     name, base, base_kwargs, method_kwargs = split_fields(cfg)
     if name not in methods:
         raise OptimizerConfigError(

@@ -236,8 +236,9 @@ class SSAMF(SparseSAM):
     (their ``update_mask`` does not zero it first), and their ``batch_size=1`` forwards in train
     mode overwrite the BatchNorm running statistics.
 
-    Defaults (the benchmark recipe, Feldman 2025, Table 1; sparsity and n_s as in the paper's
-    CIFAR runs): s = 0.5, K = 5 steps, n_s = 256, rho 0.05.
+    Defaults (the benchmark recipe, Feldman 2025, Table 1): s = 0.5, K = 5 steps, n_s = 256,
+    rho 0.05. The authors' argument defaults (``configs/defaulf_cfg.py``): sparsity 0.2,
+    ``update_freq`` 5 (epochs), ``num_samples`` 1024, rho 0.05.
     """
 
     extra_inputs = ("fisher_closure",)
@@ -366,7 +367,8 @@ class SSAMD(SparseSAM):
     ``torch.rand``).
 
     Defaults (the benchmark recipe, Feldman 2025, Table 1): s = 0.5, K = 5 steps, drop fraction
-    0.2, rho 0.05.
+    0.2, rho 0.05. The authors' argument defaults (``configs/defaulf_cfg.py``): sparsity 0.2,
+    ``drop_rate`` 0.5, ``update_freq`` 5 (epochs), rho 0.05.
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,

@@ -1,7 +1,7 @@
 """Cost of one SSAM-F mask refresh: the per-sample Fisher in batched passes against the loop of
 single-sample backward passes, and against the chunked estimator.
 
-    python scripts/measure_fisher_cost.py [--model resnet18] [--samples 256] [--repeats 2]
+    python scripts/measure_fisher_cost.py [--model resnet18] [--samples 256] [--repeats 2] [--loop]
 
 Random CIFAR-shaped data (the cost does not depend on the pixel values), fp32, the device's
 default threads. Prints a Markdown table: milliseconds per refresh (median of ``--repeats``) and
@@ -41,7 +41,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--loop", action="store_true", help="also time the single-sample loop")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=10)
     params = list(model.parameters())

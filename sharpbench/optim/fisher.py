@@ -33,8 +33,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .bn import frozen_bn_stats
+from torch.nn.modules.batchnorm import _BatchNorm
 
 ESTIMATORS = ("per_sample", "chunked")
 BN_MODES = ("eval", "train")
@@ -51,6 +50,21 @@ def check_fisher_options(estimator: str, bn: str, batch_size: int) -> None:
 
 
 @contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with the batch statistics and receive no running statistics at
+    all (``track_running_stats = False``): inside ``vmap`` a running-statistics update could not be
+    applied to the shared buffers."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+@contextmanager
 def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """``eval``: the whole model in eval mode; ``train``: train mode with BatchNorm running
     statistics left alone. Each module's own mode is restored afterwards."""
@@ -61,7 +75,7 @@ def bn_mode(model: nn.Module, mode: str) -> Iterator[None]:
             yield
         else:
             model.train()
-            with frozen_bn_stats(model):
+            with batch_statistics_only(model):
                 yield
     finally:
         for m, training in saved:

@@ -198,9 +198,8 @@ class SharpnessModule(L.LightningModule):
             self.passes += 1
             idx = torch.randint(len(data.train_y), (self.fisher_batch_size,), generator=gen)
             x, y = data.fisher_batch(idx, self.device)
-            with self.autocast():
-                return fisher_terms(self.model, params, x, y, estimator=self.fisher_estimator,
-                                    batch_size=self.fisher_batch_size, bn=self.fisher_bn)
+            return fisher_terms(self.model, params, x, y, estimator=self.fisher_estimator,
+                                batch_size=self.fisher_batch_size, bn=self.fisher_bn)
         return fisher_closure
 
     def _before_base_step(self) -> bool:

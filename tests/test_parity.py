@@ -567,3 +567,15 @@ def test_factory_gives_epoch_facts_to_ssam_only_when_asked():
     assert isinstance(sam, SAM)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         SSAMF(make_model().parameters(), torch.optim.SGD, update_unit="epoch", **SGD_KW)
+
+
+def test_fisher_terms_run_outside_autocast():
+    # The Lightning module may call the Fisher closure inside a bf16 autocast region.
+    model = fisher_model().float()
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    params = list(model.parameters())
+    plain, _ = fisher_terms(model, params, x, y, batch_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under, _ = fisher_terms(model, params, x, y, batch_size=4)
+    for a, b in zip(under, plain):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -16,7 +16,8 @@ For samples ``(x_i, y_i)``, ``i = 1..n``, and ``ℓ_i(w) = -log p(y_i | x_i; w)`
 
   which also contains the cross terms ``∇ℓ_i ⊙ ∇ℓ_j`` of each chunk.
 
-``S / n`` is the Fisher diagonal estimate. BatchNorm during the estimate (``bn``):
+``S / n`` is the Fisher diagonal estimate, computed in the parameters' precision (autocast
+off). BatchNorm during the estimate (``bn``):
 
 - ``eval`` (default): running statistics normalise each sample, so ``ℓ_i`` depends on sample
   ``i`` alone and the per-sample gradient is well defined; nothing is updated.
@@ -149,7 +150,9 @@ def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *
     check_fisher_options(estimator, bn, batch_size)
     if len(x) != len(y):
         raise ValueError(f"Fisher samples and labels differ in number: {len(x)} vs {len(y)}")
-    with bn_mode(model, bn):
+    # In the parameters' precision: autocast is switched off (it does not compose with vmap's
+    # batch-norm rule on every device, and squared gradients are better kept in fp32).
+    with bn_mode(model, bn), torch.autocast(device_type=x.device.type, enabled=False):
         if estimator == "per_sample":
             sums = per_sample_squared_grads(model, params, x, y, batch_size)
         else:

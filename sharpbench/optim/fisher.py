@@ -9,8 +9,8 @@ For samples ``(x_i, y_i)``, ``i = 1..n``, and ``ℓ_i(w) = -log p(y_i | x_i; w)`
 
   computed with ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call`` of the model on
   one sample, ``batch_size`` samples per vectorised pass. The result equals ``n`` single-sample
-  backward passes (to rounding) at the cost of about ``n / batch_size`` batched passes.
-- ``chunked`` (a cheaper estimator that nobody's paper uses; kept as an explicit option)::
+  backward passes (to rounding) in ``n / batch_size`` vectorised passes.
+- ``chunked`` (cheaper; neither the SSAM paper nor its authors' code uses it; an explicit option)::
 
       S = Σ_chunks n_c · (∇ (1/n_c) Σ_{i∈c} ℓ_i(w))²      (squared chunk-mean gradients)
 

@@ -64,7 +64,9 @@ class SharpnessModule(L.LightningModule):
         self.bn_policy = check_bn_policy(self.optimizer_cfg.get("bn_policy") or "first_pass")
         self.fisher_estimator = self.optimizer_cfg.get("fisher_estimator") or "per_sample"
         self.fisher_bn = self.optimizer_cfg.get("fisher_bn") or "eval"
-        check_fisher_options(self.fisher_estimator, self.fisher_bn, fisher_batch_size)
+        self.fisher_method = self.optimizer_cfg.get("fisher_method") or "vmap"
+        check_fisher_options(self.fisher_estimator, self.fisher_bn, fisher_batch_size,
+                             self.fisher_method)
         self.sync_perturbation = sync_perturbation
         self.scaler = DynamicLossScaler() if self.amp_dtype == torch.float16 else None
         self.register_buffer("class_counts", class_counts if class_counts is not None
@@ -199,7 +201,8 @@ class SharpnessModule(L.LightningModule):
             idx = torch.randint(len(data.train_y), (self.fisher_batch_size,), generator=gen)
             x, y = data.fisher_batch(idx, self.device)
             return fisher_terms(self.model, params, x, y, estimator=self.fisher_estimator,
-                                batch_size=self.fisher_batch_size, bn=self.fisher_bn)
+                                batch_size=self.fisher_batch_size, bn=self.fisher_bn,
+                                method=self.fisher_method)
         return fisher_closure
 
     def _before_base_step(self) -> bool:

@@ -25,7 +25,7 @@ BASE_FIELDS = ("lr", "momentum", "nesterov", "dampening", "weight_decay", "betas
                "alpha", "centered", "amsgrad")
 # Fields read by the factory or by the driver (not passed to any optimizer constructor).
 FACTORY_FIELDS = ("name", "base", "adaptive_params", "fisher_batch_size", "fisher_estimator",
-                  "fisher_bn", "bn_policy")
+                  "fisher_bn", "fisher_method", "bn_policy")
 # Facts about the run a method may need (e.g. SSAM's epoch-based refresh): passed by the driver
 # to ``build_optimizer(..., context=...)`` and given to a method only if its constructor names
 # them and the config does not set them.
@@ -67,7 +67,8 @@ def check_driver_fields(cfg: Mapping[str, Any]) -> None:
     try:
         check_bn_policy(cfg.get("bn_policy") or "first_pass")
         check_fisher_options(cfg.get("fisher_estimator") or "per_sample",
-                             cfg.get("fisher_bn") or "eval", cfg.get("fisher_batch_size") or 32)
+                             cfg.get("fisher_bn") or "eval", cfg.get("fisher_batch_size") or 32,
+                             cfg.get("fisher_method") or "vmap")
     except ValueError as err:
         raise OptimizerConfigError(f"optimizer: {err}") from err
 

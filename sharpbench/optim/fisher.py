@@ -7,9 +7,10 @@ For samples ``(x_i, y_i)``, ``i = 1..n``, and ``ℓ_i(w) = -log p(y_i | x_i; w)`
 
       S = Σ_i (∇ℓ_i(w))²                  (one squared gradient per sample)
 
-  computed with ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call`` of the model on
-  one sample, ``batch_size`` samples per vectorised pass. The result equals ``n`` single-sample
-  backward passes (to rounding) in ``n / batch_size`` vectorised passes.
+  computed with ``torch.func`` (``method="vmap"``): ``vmap`` over ``grad`` of a
+  ``functional_call`` of the model on one sample, ``batch_size`` samples per vectorised pass;
+  the result equals ``n`` single-sample backward passes (``method="loop"``) to rounding. Which
+  is faster depends on the device: on CPU the loop was (README, Fidelity).
 - ``chunked`` (cheaper; neither the SSAM paper nor its authors' code uses it; an explicit option)::
 
       S = Σ_chunks n_c · (∇ (1/n_c) Σ_{i∈c} ℓ_i(w))²      (squared chunk-mean gradients)
@@ -38,9 +39,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 ESTIMATORS = ("per_sample", "chunked")
 BN_MODES = ("eval", "train")
+METHODS = ("vmap", "loop")
 
 
-def check_fisher_options(estimator: str, bn: str, batch_size: int) -> None:
+def check_fisher_options(estimator: str, bn: str, batch_size: int, method: str = "vmap") -> None:
+    if method not in METHODS:
+        raise ValueError(f"fisher_method must be one of {METHODS} (how per-sample gradients are "
+                         f"computed; the result is the same), got {method!r}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"fisher estimator must be one of {ESTIMATORS} (per_sample is the "
                          f"paper's and the authors'), got {estimator!r}")
@@ -124,6 +129,20 @@ def per_sample_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, 
     return sums
 
 
+def looped_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor,
+                         y: Tensor) -> list[Tensor]:
+    """``Σ_i (∇_w ℓ_i)²`` by one backward pass per sample (the authors' loop; ``.grad`` is not
+    touched). On CPU this was faster than ``vmap`` (README, Fidelity)."""
+    sums = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for i in range(len(y)):
+            loss = F.cross_entropy(_at_least_fp32(model(x[i:i + 1])), y[i:i + 1])
+            for s, g in zip(sums, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    s.addcmul_(g, g)
+    return sums
+
+
 def chunked_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
                           batch_size: int = 64) -> list[Tensor]:
     """``Σ_chunks n_c · (∇ mean_{i∈c} ℓ_i)²`` (``.grad`` is not touched)."""
@@ -139,21 +158,23 @@ def chunked_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: 
 
 
 def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *,
-                 estimator: str = "per_sample", batch_size: int = 32,
-                 bn: str = "eval") -> tuple[list[Tensor], int]:
+                 estimator: str = "per_sample", batch_size: int = 32, bn: str = "eval",
+                 method: str = "vmap") -> tuple[list[Tensor], int]:
     """``(S, n)`` for the samples ``x, y``: what an SSAM-F ``fisher_closure`` returns.
 
     Example (plain PyTorch)::
 
         opt.step(closure, fisher_closure=lambda: fisher_terms(model, opt.all_params(), xf, yf))
     """
-    check_fisher_options(estimator, bn, batch_size)
+    check_fisher_options(estimator, bn, batch_size, method)
     if len(x) != len(y):
         raise ValueError(f"Fisher samples and labels differ in number: {len(x)} vs {len(y)}")
     # In the parameters' precision: autocast is switched off (it does not compose with vmap's
     # batch-norm rule on every device, and squared gradients are better kept in fp32).
     with bn_mode(model, bn), torch.autocast(device_type=x.device.type, enabled=False):
-        if estimator == "per_sample":
+        if estimator == "per_sample" and method == "loop":
+            sums = looped_squared_grads(model, params, x, y)
+        elif estimator == "per_sample":
             sums = per_sample_squared_grads(model, params, x, y, batch_size)
         else:
             sums = chunked_squared_grads(model, params, x, y, batch_size)

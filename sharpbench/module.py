@@ -375,6 +375,7 @@ class SharpnessModule(L.LightningModule):
             "skipped_steps": self.skipped_steps, "train_loss_epoch": self.train_loss_epoch,
             "epoch_loss": (float(self._loss_sum), self._loss_count),  # a mid-epoch save
             "epoch_hits": (int(self._hits), self._seen), "train_acc_epoch": self.train_acc_epoch,
+            "eval_results": self.eval_results,  # the last evaluation (val/test) before this step
             "scaler": self.scaler.state_dict() if self.scaler else None,
             # RNG streams (dropout, anything drawing from the global generators)
             "rng_cpu": torch.get_rng_state(),
@@ -391,6 +392,7 @@ class SharpnessModule(L.LightningModule):
         self._hits, self._seen = state.get("epoch_hits", (0, 0))
         self._bar_mark = (float(self._loss_sum), self._loss_count)
         self.train_acc_epoch = state.get("train_acc_epoch")
+        self.eval_results = dict(state.get("eval_results") or {})
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if state.get("rng_cpu") is not None:

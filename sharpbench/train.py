@@ -4,10 +4,12 @@ compose (Hydra) → check → build data, model, module, trainer → fit → tes
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # one signal handler for the whole process, from before the imports
+    from sharpbench.lifecycle import LIFETIME as _LIFETIME
+    _LIFETIME.install(phase="early")
+
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,29 +21,19 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, compose_guard
+from . import checks, compose_guard, lifecycle
 from .data import CIFARDataModule
 from .ddp_launch import sweep_job_scope
 from .gpu_pool import pin_gpu_for_this_process
 from .models import build_model
+from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
-from .record import RunTimer, build_record, read_metrics, write_metrics, config_hash
+from .record import RunTimer, build_record, config_hash
+from .run_identity import identity, settle
 from .run_logging import EvalProgressBar, finish_loggers, log_hyperparameters
-from .runtime import AtomicCheckpointIO, LastCheckpoint, build_loggers, checkpoint_step, resolve_ckpt_path, resolve_precision
+from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
 
 log = logging.getLogger("sharpbench")
-
-# Keys that say where or how a run is written, not what it computes: excluded from its hash.
-NON_IDENTITY_KEYS = ("ckpt_path", "run_name", "sweep_name", "logger", "sweep")
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The part of the resolved config that defines the run's results."""
-    keep = [k for k in cfg if k not in NON_IDENTITY_KEYS and k != "hydra"]
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True)
-    plain.get("trainer", {}).pop("enable_progress_bar", None)
-    return plain
-
 
 def summary(cfg: DictConfig) -> dict[str, Any]:
     return {"method": cfg.optimizer.name, "dataset": cfg.dataset.name, "model": cfg.model.name,
@@ -52,11 +44,13 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
-                  resume_step: int | None = None) -> L.Trainer:
+                  resume_step: int | None = None, ident: dict[str, Any] | None = None,
+                  checkpoint_io: AtomicCheckpointIO | None = None) -> L.Trainer:
     t = cfg.trainer
-    last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None)
+    last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None,
+                          identity=ident)
     bar = [EvalProgressBar()] if t.get("enable_progress_bar", True) else []
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         num_nodes=t.get("num_nodes", 1),
         precision="32-true",  # mixed precision is the module's job (see sharpbench.module)
@@ -66,21 +60,36 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         log_every_n_steps=t.log_every_n_steps, deterministic=t.get("deterministic", False),
         enable_progress_bar=t.get("enable_progress_bar", True), enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(run_dir),
-        logger=build_loggers(cfg.logger, run_dir, resume_step), callbacks=[timer, last, *bar], enable_checkpointing=True,
-        plugins=[AtomicCheckpointIO()])
+        logger=build_loggers(cfg.logger, run_dir, resume_step),
+        callbacks=[timer, last, StopAtSafePoint(), *bar], enable_checkpointing=True,
+        plugins=[checkpoint_io or AtomicCheckpointIO()])
+    lifecycle.keep_lightning_off_signals(trainer)
+    return trainer
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume, or skip) one training run in ``run_dir``; returns its metrics record."""
+    """Run (or resume, or skip) one training run in ``run_dir``; returns its metrics record.
+
+    The folder's completed record and checkpoint are first checked against ``cfg``
+    (``sharpbench.run_identity.settle``); the folder is then claimed for the run (lock, write
+    check, cleanup of interrupted saves, signal handler: ``sharpbench.lifecycle``)."""
     started = time.time()
     overrides = list(overrides or [])
     checks.check_config(cfg)  # every key against the schema, before anything else reads it
-    ident = identity(cfg)
-    previous = read_metrics(run_dir)
-    if previous and previous.get("status") == "completed" and previous.get("config_hash") == config_hash(ident):
-        log.info("skipping %s: already completed (metrics.json, same config)", run_dir)
-        return previous
+    settled = settle(cfg, Path(run_dir))
+    if settled.skip is not None:
+        log.info("skipping %s: already completed (metrics.json, same config)", settled.run_dir)
+        return settled.skip
 
+    with lifecycle.claim_folder(settled.run_dir):
+        try:
+            return _train(cfg, settled, overrides, started)
+        except lifecycle.Interrupted as stop:  # before training began (data, model): no checkpoint
+            return lifecycle.record_early_stop(summary(cfg), settled, overrides, stop.signum)
+
+
+def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> dict[str, Any]:
+    run_dir, ident, ckpt_path = settled.run_dir, settled.identity, settled.ckpt_path
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     precision = resolve_precision(cfg.trainer.precision)
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
@@ -107,18 +116,18 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         compile=bool(cfg.trainer.get("compile", False)))
 
     timer = RunTimer()
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    trainer = build_trainer(cfg, run_dir, timer, checkpoint_step(ckpt_path))
+    trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io())
     log_hyperparameters(trainer.loggers, ident)
     status, error = "completed", None
-    with preemption_handler(trainer):
+    with LIFETIME.watching(trainer):  # signals: see sharpbench.lifecycle
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            LIFETIME.enter("test")  # a signal that came during or after fit stops the run here
             trainer.test(module, datamodule=data, verbose=False)
-        except SIGTERMException:
-            status = "preempted"
-            log.warning("stopped by a signal; checkpoint saved. Resume with ckpt_path=last "
-                        "hydra.run.dir=%s", run_dir)
+        except (SIGTERMException, lifecycle.Interrupted):
+            status = LIFETIME.stop_status()
+            log.warning("stopped by a signal; resume with:\n  %s",
+                        lifecycle.resume_command(run_dir, overrides))
         except DivergenceError as err:
             status, error = "diverged", str(err)
             log.error("%s", err)
@@ -128,8 +137,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                           status=status, overrides=overrides, config=ident, started_at=started,
                           error=error)
     record.update(group_accuracy(module, data))
+    lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:
-        write_metrics(run_dir, record)
+        lifecycle.write_record(run_dir, record)
         print(one_line_summary(record, run_dir))
     finish_loggers(trainer.loggers, record, ident)
     return record
@@ -161,31 +171,6 @@ def one_line_summary(r: dict[str, Any], run_dir: Path) -> str:
             f" | {run_dir}/metrics.json")
 
 
-class preemption_handler:
-    """SIGTERM and SIGUSR1 (SLURM's warning signal) end the run between two batches with a
-    checkpoint (``LastCheckpoint.on_exception``), so a requeued job resumes with ``ckpt_path=last``.
-
-    Lightning already turns SIGTERM into that orderly stop; SIGUSR1 is routed to the same path."""
-
-    def __init__(self, trainer: L.Trainer):
-        self.trainer = trainer
-        self.previous = None
-
-    def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: checkpointing and stopping after this batch", signum)
-        self.trainer._signal_connector.received_sigterm = True
-
-    def __enter__(self) -> "preemption_handler":
-        import threading
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGUSR1, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGUSR1, self.previous)
-
-
 def run_dir_of_hydra() -> Path:
     from hydra.core.hydra_config import HydraConfig
     return Path(HydraConfig.get().runtime.output_dir)
@@ -205,6 +190,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    LIFETIME.install().enter("startup")  # kept until the process exits
     run_dir = run_dir_of_hydra()
     sweep = cfg.get("sweep") or {}
     if multirun:  # local_parallel: this worker's GPU from sweep.gpu_pool, before CUDA starts
@@ -214,16 +200,36 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         compose_guard.raise_if_failed(cfg)  # a command line Hydra could not compose
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
             record = train(cfg, run_dir, task_overrides())
+        if LIFETIME.signum is not None:  # the process was told to stop: so does a sweep
+            LIFETIME.ignore_further()  # the record is written: nothing may change the exit code
+            sys.exit(lifecycle.exit_code_of_signal(LIFETIME.signum))
         if record.get("status") == "diverged" and not multirun:
             sys.exit(1)
         objective = sweep.get("objective")
         return record.get(objective) if objective else record
+    except lifecycle.Interrupted as stop:  # a signal before training began
+        LIFETIME.enter("finish")
+        write_failure(cfg, run_dir, lifecycle.status_of_signal(stop.signum), str(stop))
+        LIFETIME.ignore_further()
+        sys.exit(lifecycle.exit_code_of_signal(stop.signum))
+    except lifecycle.RunFolderBusy as err:  # the folder belongs to the other process: no record
+        log.error("%s", err)
+        if not multirun:
+            sys.exit(1)
     except checks.config_errors() as err:
+        LIFETIME.enter("finish")
         log.error("invalid configuration: %s", err)
         write_failure(cfg, run_dir, "invalid_config", str(err))
         if not multirun:
             sys.exit(2)
+    except lifecycle.StartupError as err:  # an unusable folder or checkpoint, said plainly
+        LIFETIME.enter("finish")
+        log.error("%s", err)
+        write_failure(cfg, run_dir, "failed", str(err))
+        if not multirun:
+            sys.exit(1)
     except Exception as err:  # a failed job is recorded, and a sweep goes on
+        LIFETIME.enter("finish")
         log.exception("run failed")
         write_failure(cfg, run_dir, "failed", f"{type(err).__name__}: {err}")
         if not multirun:
@@ -231,15 +237,25 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def write_failure(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
+def write_failure(cfg: DictConfig, run_dir: Path, status: str, error: str) -> Path | None:
+    """Record a failure: ``metrics.json``, or beside it (``metrics.<status>.json``) where that
+    would replace a completed record or another run's (``lifecycle.failure_destination``)."""
+    ident_hash = None
     try:
-        record = {**summary(cfg), "status": status, "error": error,
-                  "config": identity(cfg), "config_hash": config_hash(identity(cfg)),
-                  "overrides": task_overrides(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        ident = identity(cfg)
+        ident_hash = config_hash(ident)
+        record = {**summary(cfg), "status": status, "error": error, "config": ident,
+                  "config_hash": ident_hash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     except Exception:  # the config itself may be what is broken
         record = {"status": status, "error": error}
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        write_metrics(run_dir, record)
+    try:
+        record["overrides"] = task_overrides()
+    except Exception:  # called outside a Hydra job
+        pass
+    if not lifecycle.is_rank_zero():
+        return None
+    return lifecycle.write_record(run_dir, record,
+                                  lifecycle.failure_destination(run_dir, status, ident_hash))
 
 
 if __name__ == "__main__":

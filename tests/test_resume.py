@@ -86,7 +86,7 @@ def test_signal_checkpoints_and_stops_then_resumes(tmp_path, signum):
         time.sleep(0.2)
     proc.send_signal(signum)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 128 + signum, out[-3000:]  # preempted: non-zero, names the signal
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "preempted"
     stopped_at = ckpt_step(last)

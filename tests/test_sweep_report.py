@@ -30,14 +30,14 @@ TINY = ["experiment=smoke", "trainer.max_epochs=1", "dataset.train_subset=256",
         "dataset.test_subset=128", "trainer.enable_progress_bar=false"]
 
 
-def sweep(sweep_dir, *overrides, timeout=300):
+def sweep(sweep_dir, *overrides, timeout=300, returncode=0):
     cmd = [sys.executable, "-m", "sharpbench.train", "-m", *TINY, *overrides,
            f"hydra.sweep.dir={sweep_dir}",
            "++hydra.callbacks.report._target_=sharpbench.sweep_callback.ReportOnMultirunEnd"]
     started = time.perf_counter()
     out = subprocess.run(cmd, cwd=sweep_dir.parent, env=ENV, capture_output=True, text=True,
                          timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == returncode, out.stderr[-3000:]
     return out.stdout + out.stderr, time.perf_counter() - started
 
 
@@ -49,7 +49,7 @@ GRID = ["optimizer=sgd,sam", "seed=0,1", "+model.width=8,-1"]
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep") / "grid"
-    log, seconds = sweep(sweep_dir, *GRID)
+    log, seconds = sweep(sweep_dir, *GRID, returncode=1)  # jobs failed: the multirun says so
     return sweep_dir, log, seconds
 
 
@@ -92,6 +92,7 @@ def test_a_failing_job_is_listed_and_the_others_complete(swept):
     assert failed["error"].str.contains("width").all()
     assert failed["setting"].eq("width=-1").all()
     assert log.count("sweep job invalid_config: ") + log.count("sweep job failed: ") == 4
+    assert "8 jobs: 4 completed, 4 invalid_config" in log  # and the exit status counts them
     table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
     bad = table[table["setting"] == "width=-1"]
     assert list(bad["n"]) == [0, 0] and list(bad["failed"]) == [2, 2]
@@ -101,7 +102,7 @@ def test_rerun_skips_completed_jobs(swept):
     sweep_dir, _, first_seconds = swept
     before = {p: p.read_bytes() for p in sweep_dir.glob("*/metrics.json")
               if json.loads(p.read_text())["status"] == "completed"}
-    log, seconds = sweep(sweep_dir, *GRID)
+    log, seconds = sweep(sweep_dir, *GRID, returncode=1)
     assert log.count("already completed") == 4 and "[sharpbench] completed" not in log
     assert {p: p.read_bytes() for p in before} == before
     print(f"first sweep {first_seconds:.1f} s, re-run {seconds:.1f} s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sharpbench.data.errors import DataConfigError
@@ -21,7 +22,8 @@ class DataConfig:
         name: "cifar10" | "cifar100" | "synthetic".
         root: folder holding the data (python format: the folder containing
             ``cifar-10-batches-py/``; folder format: the folder containing ``train/`` and ``test/``).
-            Relative paths are relative to the current working directory; null only for synthetic.
+            Relative paths are relative to the current working directory, ``~`` is expanded;
+            null only for synthetic.
         download: fetch the official archive if missing (python format only).
         format: "python" (pickle archive) | "folder" (``train/<class>/*.png``); unused for synthetic.
         train_subset: keep this many training images (stratified by class, seeded); null = all.
@@ -84,7 +86,9 @@ class DataConfig:
                 f"dataset.root is null but {self.name} is read from disk; set dataset.root to the data "
                 "folder (or the SHARPBENCH_DATA environment variable)."
             )
-        self.root = None if self.root is None else str(self.root)
+        # "~/x" is $HOME/x for reading and for the cache beside it alike
+        self.root = None if self.root is None else str(Path(str(self.root)).expanduser())
+        self.cache_dir = None if self.cache_dir is None else str(Path(str(self.cache_dir)).expanduser())
         if self.name == "synthetic":
             self.num_classes = 10 if self.num_classes is None else self.num_classes
             _check_int("num_classes", self.num_classes, 2)

@@ -292,8 +292,11 @@ def is_rank_zero() -> bool:
 
 
 def check_writable(*folders: Path) -> None:
-    """Create and delete a file in each folder now, not after an epoch of training."""
-    for folder in folders:
+    """Create and delete a file in each folder that exists (the first one is created), now, not
+    after an epoch of training. A folder still to be created is covered by its parent's check."""
+    for i, folder in enumerate(folders):
+        if i > 0 and not folder.is_dir():
+            continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_check.")

@@ -449,6 +449,7 @@ def test_unwritable_run_folder_is_found_at_startup(tmp_path, monkeypatch):
     """A read-only checkpoints/ (simulated: tests may run as root) stops the run before any
     data is loaded, not after an epoch."""
     import tempfile
+    (tmp_path / "checkpoints").mkdir()  # left by an earlier run, now read-only
     mkstemp = tempfile.mkstemp
 
     def read_only(*args, dir=None, **kwargs):
@@ -508,7 +509,7 @@ def test_home_in_dataset_root_is_expanded_for_reading_and_cache(tmp_path, monkey
         from tests.cifar_fixtures import write_cifar_python
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    write_cifar_python(tmp_path / "home" / "x", "cifar10", 20, 10)
+    write_cifar_python(tmp_path / "home" / "x", "cifar10", 200, 50)
     data = CIFARDataModule(name="cifar10", root="~/x", format="python", batch_size=4)
     data.prepare_data()
     data.setup("fit")

@@ -28,7 +28,7 @@ from .record import config_hash
 
 # Top-level keys that say where or how a run is written, not what it computes.
 NON_IDENTITY_KEYS = ("ckpt_path", "run_name", "sweep_name", "logger", "sweep", "hydra",
-                     "on_config_change")
+                     "on_config_change", "monitor")
 # Keys inside groups that say where the data is or how it is read, or how the run is watched.
 NON_IDENTITY_PATHS = ("dataset.root", "dataset.download", "dataset.format", "dataset.cache",
                       "dataset.cache_dir", "dataset.decode_workers", "trainer.enable_progress_bar",

@@ -32,6 +32,7 @@ from .record import RunTimer, build_record, config_hash
 from .run_identity import identity, settle
 from .run_logging import EvalProgressBar, finish_loggers, log_hyperparameters
 from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
+from .sharpness.monitor import build_monitor
 
 log = logging.getLogger("sharpbench")
 
@@ -61,7 +62,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         enable_progress_bar=t.get("enable_progress_bar", True), enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(run_dir),
         logger=build_loggers(cfg.logger, run_dir, resume_step),
-        callbacks=[timer, last, StopAtSafePoint(), *bar], enable_checkpointing=True,
+        callbacks=[timer, last, StopAtSafePoint(), *bar, *build_monitor(cfg, run_dir)], enable_checkpointing=True,
         plugins=[checkpoint_io or AtomicCheckpointIO()])
     lifecycle.keep_lightning_off_signals(trainer)
     return trainer

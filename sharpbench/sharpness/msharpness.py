@@ -76,7 +76,7 @@ def _loss_and_grad(model, loss_fn, chunk: list[Batch], params, need_grad: bool):
         else:
             with torch.no_grad():
                 value = loss_fn(model(x), y)
-        loss += w * float(value.double())
+        loss += w * float(value.detach().double())
     return loss, grads
 
 

@@ -17,10 +17,10 @@ import numpy as np
 from .landscape import Line, Surface
 
 
-def new_figure(width: float, height: float):
+def new_figure(width: float, height: float, layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -64,21 +64,20 @@ def _contour(ax, s: Surface, norm, title: str):
     return cs
 
 
-def _colorbar(fig, cs, axes):
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+def _colorbar(fig, cs, axes, norm):
     cb = fig.colorbar(cs, ax=axes, shrink=0.85, label="loss (log scale)")
-    cb.locator = LogLocator(subs=(1.0, 2.0, 5.0))
-    cb.formatter = ScalarFormatter()
-    cb.update_ticks()
+    ticks = np.geomspace(norm.vmin, norm.vmax, 6)
+    cb.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+    cb.minorticks_off()
     return cb
 
 
 def plot_surface_contour(surface: Surface, path, title: str = "loss surface") -> Path:
-    fig = new_figure(5.2, 4.4)
+    fig = new_figure(5.4, 4.4, layout="constrained")
     ax = fig.add_subplot()
     norm = shared_log_norm([surface])
     cs = _contour(ax, surface, norm, title)
-    _colorbar(fig, cs, ax)
+    _colorbar(fig, cs, ax, norm)
     return save_png(fig, path)
 
 
@@ -90,6 +89,7 @@ def _surface3d(ax, s: Surface, norm, title: str):
     ax.set(title=title, xlabel="α", ylabel="β", zlabel="log10 loss",
            zlim=(np.log10(norm.vmin), np.log10(norm.vmax)))
     ax.view_init(elev=30, azim=-60)
+    ax.set_box_aspect(None, zoom=0.85)  # room for the z label
 
 
 def _log10_norm(norm):
@@ -114,7 +114,8 @@ def plot_surfaces(items: Sequence[tuple[str, Surface]], path, kind: str = "conto
     n = len(items)
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
-    fig = new_figure(4.2 * cols + (1.0 if kind == "contour" else 0), 3.9 * rows + 0.4)
+    fig = new_figure(4.2 * cols + (1.0 if kind == "contour" else 0), 3.9 * rows + 0.4,
+                     layout="constrained" if kind == "contour" else None)
     norm = shared_log_norm([s for _, s in items])
     axes, cs = [], None
     for i, (label, s) in enumerate(items):
@@ -128,7 +129,7 @@ def plot_surfaces(items: Sequence[tuple[str, Surface]], path, kind: str = "conto
     if suptitle:
         fig.suptitle(suptitle)
     if kind == "contour":
-        _colorbar(fig, cs, axes)
+        _colorbar(fig, cs, axes, norm)
     else:
         fig.tight_layout()
     return save_png(fig, path)

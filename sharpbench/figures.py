@@ -85,20 +85,23 @@ def fig_sam_x6(out: Path, frames: int = 30, start: float = 2.5, rho: float = 0.1
     from PIL import Image
     path = trajectory(sam(rho=rho, lr=lr), x6, start, frames - 1)
     xs = np.linspace(-3, 3, 600)
+    fig = new_figure(6, 4)
+    ax = fig.add_subplot()
+    ax.plot(xs, x6(xs), color="C0", lw=1.5, label="f(x) = x⁶ + x⁵ + 5x³ − 30x² + 3x")
+    (trail,) = ax.plot([], [], color="C3", lw=0.8, alpha=0.4)
+    (point,) = ax.plot([], [], "o", color="C3", ms=8, label="SAM")
+    note = ax.annotate("", (0, 0), textcoords="offset points", xytext=(10, 12), fontsize=9)
+    ax.set(xlim=(-3, 3), ylim=(-170, 300), xlabel="x", ylabel="f(x)")
+    ax.grid(alpha=0.4)
+    ax.legend(loc="upper center", fontsize=8)
+    fig.tight_layout()
     images = []
-    for i, x in enumerate(path):
-        fig = new_figure(6, 4)
-        ax = fig.add_subplot()
-        ax.plot(xs, x6(xs), color="C0", lw=1.5, label="f(x) = x⁶ + x⁵ + 5x³ − 30x² + 3x")
-        ax.plot(path[:i + 1], x6(path[:i + 1]), color="C3", lw=0.8, alpha=0.4)
-        ax.plot([x], [x6(x)], "o", color="C3", ms=8, label="SAM")
-        ax.annotate(f"x = {x:.3f}\nf(x) = {x6(x):.2f}", (x, x6(x)), textcoords="offset points",
-                    xytext=(10, 12), fontsize=9)
-        ax.set(xlim=(-3, 3), ylim=(-170, 300), xlabel="x", ylabel="f(x)",
-               title=f"SAM (ρ={rho}, lr={lr}, from x₀={start}): step {i}/{len(path) - 1}")
-        ax.grid(alpha=0.4)
-        ax.legend(loc="upper center", fontsize=8)
-        fig.tight_layout()
+    for i, x in enumerate(path):  # one figure, its artists updated per frame
+        trail.set_data(path[:i + 1], x6(path[:i + 1]))
+        point.set_data([x], [x6(x)])
+        note.xy = (x, x6(x))
+        note.set_text(f"x = {x:.3f}\nf(x) = {x6(x):.2f}")
+        ax.set_title(f"SAM (ρ={rho}, lr={lr}, from x₀={start}): step {i}/{len(path) - 1}")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=80)
         buf.seek(0)

@@ -572,6 +572,8 @@ def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True, name: str | 
         records = {d: read_metrics(d) or {} for d in runs["run_dir"]}
         paths.update(write_curves(runs, out, lambda r: method_label(r.method, r.setting),
                                   records, first_epochs))
+    from .sharpness.report_section import write_sharpness_outputs  # λ_max, trace, m-sharpness, landscapes
+    paths.update(write_sharpness_outputs(df, out, figures=curves))
     return paths
 
 

@@ -1,0 +1,126 @@
+"""The sharpness part of the sweep report (called by ``sharpbench.report`` when runs have it).
+
+For every (dataset, method, setting) whose completed runs were analysed
+(``python -m sharpbench.analyze <sweep dir>``), the mean ± sample std (ddof=1) over seeds of
+
+    λ_max (top Hessian eigenvalue), tr H (Hutchinson), and each m-sharpness measure in sharpness.json,
+
+written as ``sharpness.csv`` (unrounded) and ``sharpness.md``, plus ``landscapes.png``: one
+loss-surface panel per method (the lowest seed that has one), all on one colour scale.
+Nothing is written when no run has a sharpness.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULT_FILE = "sharpness.json"
+
+
+def run_measures(run_dir: str | Path) -> dict[str, float]:
+    """Flat numbers of one run's sharpness.json: lambda_max, trace, sharp_<name>."""
+    path = Path(run_dir) / RESULT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return {}
+    out = {}
+    if "eigen" in data:
+        out["lambda_max"] = data["eigen"].get("lambda_max")
+    if "trace" in data:
+        out["trace"] = data["trace"].get("trace")
+    for name, value in (data.get("sharpness") or {}).items():
+        if isinstance(value, dict) and "value" in value:
+            out[f"sharp_{name}"] = value["value"]
+    return out
+
+
+def counted(df: pd.DataFrame) -> pd.DataFrame:
+    """The completed runs the accuracy table counts (a seed logged twice counts once)."""
+    from .. import report
+    if hasattr(report, "counted_runs"):
+        return report.counted_runs(df)
+    return df[df["status"] == "completed"]
+
+
+def sharpness_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per counted completed run that has sharpness results."""
+    rows = []
+    for run in counted(df).itertuples():
+        measures = run_measures(run.run_dir)
+        if measures:
+            rows.append({"dataset": run.dataset, "method": run.method, "setting": run.setting,
+                         "seed": run.seed, "run_dir": run.run_dir, **measures})
+    return pd.DataFrame(rows)
+
+
+def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
+    measures = [c for c in runs.columns if c == "lambda_max" or c == "trace" or c.startswith("sharp_")]
+    rows = []
+    for (dataset, method, setting), group in runs.groupby(["dataset", "method", "setting"], sort=False):
+        row = {"dataset": dataset, "method": method, "setting": setting, "n": len(group)}
+        for m in measures:
+            values = pd.to_numeric(group[m], errors="coerce").dropna()
+            row[f"{m}_mean"] = values.mean() if len(values) else math.nan
+            row[f"{m}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
+            row[f"{m}_n"] = len(values)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    from ..report import DASH, method_label
+    measures = [c[:-5] for c in table.columns if c.endswith("_mean")]
+    header = ["dataset", "method", "n"] + [m.replace("sharp_", "m-sharpness ") if m.startswith("sharp_")
+                                           else {"lambda_max": "λ_max", "trace": "tr H"}.get(m, m) for m in measures]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(r, m):
+        mean, std, n = r[f"{m}_mean"], r[f"{m}_std"], r[f"{m}_n"]
+        if not n or pd.isna(mean):
+            return DASH
+        return f"{mean:.4g} ± {std:.2g}" if n > 1 else f"{mean:.4g} ± {DASH}"
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join([str(r["dataset"]), method_label(r["method"], r["setting"] or ""),
+                                        str(int(r["n"]))] + [cell(r, m) for m in measures]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def landscape_panels(runs: pd.DataFrame) -> list[tuple[str, Any]]:
+    from ..report import method_label
+    from .landscape import load_surface
+    items = []
+    for (dataset, method, setting), group in runs.groupby(["dataset", "method", "setting"], sort=False):
+        for run in group.sort_values("seed").itertuples():
+            npz = Path(run.run_dir) / "sharpness" / "landscape.npz"
+            if npz.exists():
+                items.append((f"{method_label(method, setting or '')} · {dataset} · seed {int(run.seed)}",
+                              load_surface(npz)))
+                break
+    return items
+
+
+def write_sharpness_outputs(df: pd.DataFrame, out: Path, figures: bool = True) -> dict[str, Path]:
+    """sharpness.csv, sharpness.md and landscapes.png into ``out``; {} when no run was analysed."""
+    if df.empty or "run_dir" not in df.columns:
+        return {}
+    runs = sharpness_frame(df)
+    paths: dict[str, Path] = {}
+    from ..record import atomic_write_text
+    if not runs.empty:
+        table = sharpness_table(runs)
+        atomic_write_text(out / "sharpness.csv", table.to_csv(index=False))
+        atomic_write_text(out / "sharpness.md", to_markdown(table))
+        paths.update(sharpness_csv=out / "sharpness.csv", sharpness_md=out / "sharpness.md")
+    if figures:
+        done = counted(df)[["dataset", "method", "setting", "seed", "run_dir"]]
+        items = landscape_panels(done)
+        if items:
+            from .plots import plot_surfaces
+            paths["landscapes"] = plot_surfaces(items, out / "landscapes.png", "contour",
+                                                "loss surfaces (filter-normalised directions, same seed), one colour scale")
+    return paths

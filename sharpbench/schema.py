@@ -184,6 +184,12 @@ SWEEP = {
     "objective": Key("null | str", "metrics.json key a job returns to an optimising sweeper (e.g. test_acc)"),
 }
 
+MONITOR = {
+    "lambda_max_every_n_epochs": Key("int >= 0", "measure the top Hessian eigenvalue every this many epochs (0: off) -> <run>/lambda_max.json"),
+    "lambda_max_subset": Key("int >= 1", "un-augmented training images lambda_max is measured on"),
+    "lambda_max_iters": Key("int >= 1", "Lanczos steps per lambda_max measurement"),
+}
+
 TRAINER = {
     "accelerator": Key("auto | cpu | gpu | cuda", "where to train; auto: a CUDA GPU when one is visible, else the CPU"),
     "devices": Key("int >= 1 | -1 | auto | list[int >= 0]", "devices per node (-1: all visible), or a list of GPU ids"),
@@ -430,6 +436,7 @@ GROUPS: dict[str, Group] = {
     "trainer": Group(TRAINER, named=False),
     "logger": Group(LOGGER),
     "sweep": Group(SWEEP, named=False),
+    "monitor": Group(MONITOR, named=False),
 }
 # Top-level nodes that are not ours to check.
 FOREIGN = ("hydra",)

@@ -320,12 +320,14 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 
 def hydra_argv(argv: list[str]) -> list[str]:
-    """``<dir>`` (first bare argument) → ``run_dir=<dir>``; ``what=a,b`` → ``what=[a,b]`` (Hydra
+    """``<dir>`` (first argument: an existing path, or one without "=") → ``run_dir='<dir>'``; ``what=a,b`` → ``what=[a,b]`` (Hydra
     would read an unbracketed comma list as a sweep)."""
     out = []
     for i, arg in enumerate(argv):
-        if i == 0 and "=" not in arg and not arg.startswith("-"):
-            arg = f"run_dir={arg}"
+        if i == 0 and not arg.startswith("-") and ("=" not in arg or Path(arg).exists()):
+            # quoted: sweep job folders are named by their overrides ("optimizer=sam,seed=0")
+            quote = "'" if "'" not in arg else '"'
+            arg = f"run_dir={quote}{arg}{quote}"
         elif arg.startswith("what=") and "," in arg and not arg[5:].startswith("["):
             arg = f"what=[{arg[5:]}]"
         out.append(arg)

@@ -6,7 +6,7 @@
 sam_x6             SAM on f(x) = x⁶ + x⁵ + 5x³ − 30x² + 3x over [−3, 3]: a 30-frame GIF (curve,
                    current point with x and f(x), grid)                       → sam_x6.gif
 beale              SAM next to gradient descent on the Beale function: SAM stalls near the saddle
-                   point (0, 1) (Fig. 5; Kim et al. 2023 analyse this)        → beale.png
+                   point (0, 1) (Fig. 5; Kim et al., arXiv:2301.06308, 2023) → beale.png
 sam_vs_asam        SAM and ASAM trajectories on a scale-asymmetric 2-D problem (Fig. 7)
                                                                               → sam_vs_asam.png
 linear_regression  MSE and R² per epoch of SGD, SAM, SSAM-F and FriendlySAM, and the final values
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .optim import ASAM, SAM, SSAMF, FriendlySAM
-from .sharpness.plots import new_figure, save_png
+from .sharpness.plots import new_figure, publish, save_png
 
 
 def x6(x):
@@ -111,7 +111,7 @@ def fig_sam_x6(out: Path, frames: int = 30, start: float = 2.5, rho: float = 0.1
     os.close(fd)
     try:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -112,7 +112,13 @@ def test_sweep_dir_comparison_and_report(smoke_run, tmp_path):
 
 
 def test_argv_and_bad_input(tmp_path):
-    assert an.hydra_argv(["runs/x", "what=eigen,trace", "eigen.k=2"]) == ["run_dir=runs/x", "what=[eigen,trace]", "eigen.k=2"]
+    assert an.hydra_argv(["runs/x", "what=eigen,trace", "eigen.k=2"]) == ["run_dir='runs/x'", "what=[eigen,trace]", "eigen.k=2"]
+    job = tmp_path / "optimizer=sam,seed=0"  # a sweep job folder
+    job.mkdir()
+    argv = an.hydra_argv([str(job), "what=eigen"])
+    assert argv[0] == f"run_dir='{job}'"
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        assert compose(config_name="analyze", overrides=argv).run_dir == str(job)
     with pytest.raises(an.AnalyzeError, match="choose from"):
         an.parse_what("eigen,hessian")
     with pytest.raises(an.AnalyzeError, match="no such folder"):

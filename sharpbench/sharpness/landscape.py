@@ -125,7 +125,8 @@ def _atomic_npz(path: Path, **arrays) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
+        from .plots import publish
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

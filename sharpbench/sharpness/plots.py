@@ -25,6 +25,14 @@ def new_figure(width: float, height: float, layout: str | None = None):
     return fig
 
 
+def publish(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` over ``path`` with the usual file mode (mkstemp creates files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def save_png(fig, path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +40,7 @@ def save_png(fig, path, dpi: int = 110) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -91,15 +91,16 @@ def fig_sam_x6(out: Path, frames: int = 30, start: float = 2.5, rho: float = 0.1
     (trail,) = ax.plot([], [], color="C3", lw=0.8, alpha=0.4)
     (point,) = ax.plot([], [], "o", color="C3", ms=8, label="SAM")
     note = ax.annotate("", (0, 0), textcoords="offset points", xytext=(10, 12), fontsize=9)
-    ax.set(xlim=(-3, 3), ylim=(-170, 300), xlabel="x", ylabel="f(x)")
+    ax.set(xlim=(-3, 3), ylim=(-170, 300), xlabel="x", ylabel="f(x)", title="SAM")
     ax.grid(alpha=0.4)
-    ax.legend(loc="upper center", fontsize=8)
-    fig.tight_layout()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()  # with a title in place, so the per-frame titles fit
     images = []
     for i, x in enumerate(path):  # one figure, its artists updated per frame
         trail.set_data(path[:i + 1], x6(path[:i + 1]))
         point.set_data([x], [x6(x)])
         note.xy = (x, x6(x))
+        note.set_position((-85, -30) if x > 1.5 else (10, 12))  # keep the label inside the axes
         note.set_text(f"x = {x:.3f}\nf(x) = {x6(x):.2f}")
         ax.set_title(f"SAM (ρ={rho}, lr={lr}, from x₀={start}): step {i}/{len(path) - 1}")
         buf = io.BytesIO()

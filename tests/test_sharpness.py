@@ -208,3 +208,12 @@ def test_bad_input_is_refused(relu_data):
         sharpness(model, F.cross_entropy, relu_data, rho=0.1, m=1000)
     with pytest.raises(ValueError, match="empty"):
         hessian_eigenvalues(model, F.cross_entropy, [])
+
+
+def test_line_ends_at_both_states_even_when_end_is_the_live_state_dict(relu_data):
+    from sharpbench.sharpness import evaluate, loss_line
+    model, other = relu_net(), nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    line = loss_line(model, F.cross_entropy, relu_data, start=other.state_dict(), end=model.state_dict(),
+                     points=3, t_range=(0.0, 1.0), progress=False)
+    assert line.loss[0] == pytest.approx(evaluate(other, F.cross_entropy, relu_data)[0], rel=1e-12)
+    assert line.loss[-1] == pytest.approx(evaluate(model, F.cross_entropy, relu_data)[0], rel=1e-12)

@@ -103,8 +103,9 @@ def loss_line(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
         missing = [k for k in state if k not in start or k not in end]
         if missing:
             raise ValueError(f"start/end state dicts lack {missing[:5]} (different architectures?)")
-        a = {k: start[k].to(v) for k, v in state.items()}
-        b = {k: end[k].to(v) for k, v in state.items()}
+        # copies: ``end`` is often model.state_dict(), whose tensors share the live weights' storage
+        a = {k: start[k].detach().to(v, copy=True) for k, v in state.items()}
+        b = {k: end[k].detach().to(v, copy=True) for k, v in state.items()}
         bar = _progress(points, "loss line", progress)
         with torch.no_grad():
             for i, t in enumerate(ts):

@@ -155,7 +155,10 @@ def plot_lines(items: Sequence[tuple[str, Line]], path, title: str = "loss along
             ax.axvline(x, color="grey", lw=0.7, ls=":")
         ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
-    ax_l.set_yscale("log")
+    lo = min(float(np.min(line.loss)) for _, line in items)
+    hi = max(float(np.max(line.loss)) for _, line in items)
+    if lo > 0 and hi / lo > 20:  # a log axis only where the loss spans orders of magnitude
+        ax_l.set_yscale("log")
     ax_l.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -186,6 +189,8 @@ def plot_lambda_history(series: Sequence[tuple[str, Sequence[int], Sequence[floa
     ax = fig.add_subplot()
     for i, (label, epochs, values) in enumerate(series):
         ax.plot(epochs, values, marker="o", ms=3, color=f"C{i}", label=label)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(title=title, xlabel="epoch", ylabel="λ_max")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

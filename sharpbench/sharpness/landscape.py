@@ -2,7 +2,8 @@
 
     1-D   θ(t) = (1 − t)·θ_a + t·θ_b          (e.g. initialisation → final, run A → run B);
           θ holds the parameters and the floating-point buffers (BatchNorm running statistics),
-          so each point is a complete eval-mode network.
+          so each point is a complete eval-mode network; beyond [0, 1] the buffers are held at
+          the nearer end (an extrapolated running variance can become negative).
     2-D   θ(α, β) = θ* + α·d₁ + β·d₂          d₁, d₂ filter-normalised (``directions``),
           a 21×21 grid over [−1, 1]² by default (the setting of Feldman 2025, Fig. 9).
 
@@ -92,7 +93,8 @@ def loss_line(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
               start: Mapping[str, Tensor], end: Mapping[str, Tensor], points: int = 25,
               t_range: tuple[float, float] = (-0.25, 1.25), progress: bool = True) -> Line:
     """Loss and accuracy along θ(t) = (1−t)θ_a + tθ_b, θ = every floating-point entry of the
-    state dict (``start``/``end`` are state dicts of the same architecture)."""
+    state dict (``start``/``end`` are state dicts of the same architecture). Outside [0, 1] only
+    the parameters are extrapolated; buffers (BatchNorm statistics) stay at the nearer end."""
     if points < 2:
         raise ValueError(f"points must be >= 2, got {points}")
     ts = np.linspace(t_range[0], t_range[1], points)
@@ -100,6 +102,7 @@ def loss_line(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
     with measuring(model):
         batches = as_batches(data, model_device(model))
         state = _float_state(model)
+        param_names = {k for k, _ in model.named_parameters()}
         missing = [k for k in state if k not in start or k not in end]
         if missing:
             raise ValueError(f"start/end state dicts lack {missing[:5]} (different architectures?)")
@@ -110,7 +113,9 @@ def loss_line(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
         with torch.no_grad():
             for i, t in enumerate(ts):
                 for k, v in state.items():
-                    v.copy_((1 - float(t)) * a[k] + float(t) * b[k])
+                    # BatchNorm statistics are not extrapolated (a variance could turn negative)
+                    s = float(t) if k in param_names else min(max(float(t), 0.0), 1.0)
+                    v.copy_((1 - s) * a[k] + s * b[k])
                 loss[i], acc[i] = evaluate(model, loss_fn, batches)
                 if bar is not None:
                     bar.update(1)

@@ -11,6 +11,7 @@ an explicit symmetric matrix (`lambda v: A @ v`).
     Hutchinson:               tr(A) = E[zᵀ A z], z Rademacher
 """
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -131,70 +132,139 @@ def hvp(loss: torch.Tensor, params: Iterable[torch.Tensor], v: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------- eigen-solvers
 
+@dataclass
+class EigenInfo:
+    """What an eigen-solve achieved (returned with ``return_info=True``).
+
+    - ``iterations``: matrix-vector products spent;
+    - ``residuals``: ``‖A v_i − λ_i v_i‖ / |λ_i|`` per returned pair (a float64 CPU tensor, read
+      with the solve's last host transfer; for power iteration the pair is (the last input
+      vector, its Rayleigh quotient));
+    - ``converged``: every residual ≤ ``tol`` (always ``False`` when no ``tol`` was given, unless
+      the Krylov space became invariant, where the pairs are exact);
+    - ``finite``: every α/β/λ of the solve was finite (``False``: the output is not usable);
+    - ``host_syncs``: device→host reads the solver made (each one a synchronisation on a GPU);
+    - ``restarts``: Lanczos breakdowns continued from a fresh vector.
+    """
+
+    iterations: int
+    residuals: torch.Tensor
+    converged: bool
+    finite: bool
+    host_syncs: int
+    restarts: int = 0
+
+
+def _unit_or_random(v: Optional[torch.Tensor], dim: int, device, dtype,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``v / ‖v‖``, or a unit Gaussian vector where ``v`` is missing, zero or non-finite.
+
+    Decided on the device (``torch.where``), so a warm start costs no host synchronisation."""
+    r = _random((dim,), "gauss", device, dtype, generator)
+    r = r / r.norm()
+    if v is None:
+        return r
+    v = v.detach().to(device, dtype)
+    norm = v.norm()
+    usable = torch.isfinite(norm) & (norm > 0)
+    return torch.where(usable, v / torch.where(usable, norm, torch.ones_like(norm)), r)
+
+
 def power_iteration(matvec: Matvec, dim=None, iters: int = 20,
                     tol: Optional[float] = None, init: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None,
-                    device=None, dtype=None):
+                    device=None, dtype=None, *, return_info: bool = False):
     """Dominant eigenpair of a symmetric operator by power iteration.
 
     Converges to the eigenvalue of largest *magnitude* (for a Hessian with a large negative
-    eigenvalue that may be the negative one). Each step: w = A v, λ = vᵀ w (Rayleigh quotient),
-    v <- w / ||w||. Stops after `iters` matvecs, or earlier once |λ_t - λ_{t-1}| <= tol |λ_t|
-    (tol=None never stops early and never syncs with the host).
-    `init` warm-starts (e.g. last step's eigenvector); otherwise v0 ~ N(0, I) from `generator`.
-    `dim` may also be the init vector itself: power_iteration(op, v_prev, iters=5).
+    eigenvalue that may be the negative one). Each matvec is one full step::
 
-    Returns (eigenvalue: 0-dim tensor, eigenvector: unit-norm [dim] tensor), where eigenvalue
-    is exactly the Rayleigh quotient of the returned eigenvector.
+        w = A v,   λ = vᵀ w  (Rayleigh quotient of v),   v <- w / ‖w‖
+
+    so ``iters`` matvecs apply A ``iters`` times: the last product is reused to advance ``v``
+    (no matvec is spent on a final Rayleigh quotient). The returned ``λ`` is the Rayleigh
+    quotient of the last *input* vector, one step behind the returned ``v`` (both converge to
+    the same pair; ``λ`` is a lower bound on ``|λ_max|`` for a PSD operator).
+    Stops after ``iters`` matvecs, or earlier once ``|λ_t − λ_{t−1}| <= tol·|λ_t|`` (one host
+    read per matvec; ``tol=None`` never stops early and never reads a device value).
+    ``init`` warm-starts (e.g. last step's eigenvector); otherwise (or if ``init`` is zero or
+    non-finite) v0 ~ N(0, I) from ``generator``. ``dim`` may also be the init vector itself:
+    ``power_iteration(op, v_prev, iters=5)``.
+
+    Returns ``(eigenvalue: 0-dim tensor, eigenvector: unit-norm [dim] tensor)``, plus an
+    :class:`EigenInfo` with ``return_info=True`` (residual ``‖A v − λ v‖ / |λ|`` of the last input
+    vector, from the product already computed).
     """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     if isinstance(dim, torch.Tensor):
         dim, init = None, dim
     dim, device, dtype = _resolve(matvec, dim, init, device, dtype)
-    v = init.detach().to(device, dtype) if init is not None else _random((dim,), "gauss", device, dtype, generator)
-    v = v / v.norm()
-    lam_prev = None
+    v = _unit_or_random(init, dim, device, dtype, generator)
+    lam_prev, syncs, done = None, 0, 0
     for t in range(iters):
         w = matvec(v)
+        done += 1
         lam = _dot(v, w)
+        residual = (w - lam * v).norm() / lam.abs()
+        w_norm = w.norm()
+        # A v = 0 (v an eigenvector with eigenvalue 0) keeps v
+        v = torch.where(w_norm > 0, w / torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm)), v)
         if tol is not None:
             lam_f = lam.item()
+            syncs += 1
             if lam_prev is not None and abs(lam_f - lam_prev) <= tol * abs(lam_f):
                 break
             lam_prev = lam_f
-        if t == iters - 1:
-            break  # keep (λ, v) a consistent Rayleigh pair
-        w_norm = w.norm()
-        if w_norm == 0:
-            break  # A v = 0: v is an eigenvector with eigenvalue 0
-        v = w / w_norm
-    return lam.detach(), v.detach()
+    if not return_info:
+        return lam.detach(), v.detach()
+    flag = (torch.isfinite(lam) & torch.isfinite(v).all()).to(residual.dtype)
+    finite, res = torch.stack([flag, residual.detach()]).tolist()   # the one host read
+    info = EigenInfo(iterations=done, residuals=torch.tensor([res], dtype=torch.float64),
+                     converged=tol is not None and res <= tol, finite=bool(finite),
+                     host_syncs=syncs + 1)
+    return lam.detach(), v.detach(), info
 
 
 def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
             num_iters: Optional[int] = None, init: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None, reorthogonalize: bool = True,
-            device=None, dtype=None):
+            device=None, dtype=None, *, tol: Optional[float] = None,
+            check_every: int = 5, return_info: bool = False):
     """Top-k (algebraically largest) eigenpairs of a symmetric operator by Lanczos.
 
     Builds an orthonormal Krylov basis Q = [q_1..q_m] with
         β_j q_{j+1} = A q_j - α_j q_j - β_{j-1} q_{j-1},   α_j = q_jᵀ A q_j,
     so that Qᵀ A Q = T = tridiag(β, α, β). With reorthogonalize=True every new vector is
     Gram-Schmidt'ed against all previous ones (twice), which keeps Q orthonormal in finite
-    precision (no ghost eigenvalues). T is eigen-decomposed in float64 and the Ritz vectors
-    Q s_i are returned.
+    precision (no ghost eigenvalues). T = S diag(θ) Sᵀ is eigen-decomposed in float64 and the
+    Ritz vectors y_i = Q s_i are returned.
+
+    Stopping. The Ritz residual costs no matvec: ``‖A y_i − θ_i y_i‖ = β_n·|s_{n,i}|`` (β_n the
+    norm of the next, unnormalised Krylov vector). With ``tol`` the solve stops at the first
+    check where every one of the top k pairs has ``‖A y_i − θ_i y_i‖ <= tol·|θ_i|``, and at
+    ``num_iters`` matvecs at the latest (the cap). Without ``tol`` it runs ``num_iters``.
+
+    Host synchronisation. The iterations run on the device without reading any value back:
+    α_j, β_j stay device tensors. Every ``check_every`` iterations (and at the cap) they are
+    copied to the host in one transfer and T is solved there (it is at most m×m): a solve with
+    ``tol=None`` reads the device once; with ``tol``, once per check.
 
     m = num_iters defaults to min(dim, max(2k + 10, 20)); each iteration costs one matvec.
     Memory: the basis is an [m, dim] tensor in `dtype` on `device`, e.g. 30 x 11.2M floats
     ≈ 1.3 GB for ResNet-18, ≈ 4.4 GB for WRN-28-10.
 
-    Breakdown (β_j ≈ 0, i.e. span(Q) is an invariant subspace): if at least k vectors have
-    been built we stop early (the Ritz pairs are then exact); otherwise we continue from a
-    fresh random vector orthogonal to Q (T gets a zero off-diagonal there), so k pairs are
-    always returned. Eigenvalue multiplicities are only seen through such restarts.
+    Breakdown (β_j ≈ 0, i.e. span(Q) is an invariant subspace): found at the next check. If at
+    least k vectors had been built we stop there (the Ritz pairs are then exact; matvecs made
+    after the breakdown are counted but discarded); otherwise we continue from a fresh random
+    vector orthogonal to Q (T gets a zero off-diagonal there), so k pairs are always returned.
+    Eigenvalue multiplicities are only seen through such restarts.
 
-    Returns (eigenvalues [k] descending, eigenvectors [dim, k] with unit-norm columns).
+    Non-finite values (a NaN Hessian-vector product): the solve stops at the check that sees
+    them and returns NaN pairs with ``info.finite = False``; it never raises.
+
+    Returns (eigenvalues [k] descending, eigenvectors [dim, k] with unit-norm columns), plus an
+    :class:`EigenInfo` with ``return_info=True``.
     """
     dim, device, dtype = _resolve(matvec, dim, init, device, dtype)
     if not 1 <= k <= dim:
@@ -202,49 +272,97 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
     m = min(dim, max(2 * k + 10, 20)) if num_iters is None else min(dim, num_iters)
     if m < k:
         raise ValueError(f"num_iters={m} must be >= k={k}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"Lanczos tol must be > 0 (a relative Ritz residual), got {tol}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     breakdown_tol = torch.finfo(dtype).eps ** 0.5  # relative to the largest |T| entry so far
 
     Q = torch.zeros(m, dim, device=device, dtype=dtype)
-    alphas, betas = [], []
-    q = init.detach().to(device, dtype) if init is not None else _random((dim,), "gauss", device, dtype, generator)
-    q = q / q.norm()
-    q_prev, beta, scale = torch.zeros_like(q), 0.0, 0.0
-    for j in range(m):
-        Q[j] = q
-        w = matvec(q)
-        alpha = _dot(q, w)
-        w = w - alpha * q - beta * q_prev
-        if reorthogonalize:
-            for _ in range(2):
-                w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-        alphas.append(alpha.item())
-        if j == m - 1:
+    alphas = torch.zeros(m, device=device, dtype=dtype)
+    betas = torch.zeros(m, device=device, dtype=dtype)   # betas[j]: norm of the vector after q_j
+    restart_at: set = set()                              # j with a zero coupling to q_{j+1}
+    q = _unit_or_random(init, dim, device, dtype, generator)
+    q_prev = torch.zeros_like(q)
+    beta_prev = torch.zeros((), device=device, dtype=dtype)
+    j, syncs, matvecs, n = 0, 0, 0, 0
+    finite, converged = True, False
+    evals = evecs = resid = None
+    while True:
+        stop = min(m, (j // check_every + 1) * check_every) if tol is not None else m
+        for i in range(j, stop):
+            Q[i] = q
+            w = matvec(q)
+            matvecs += 1
+            alpha = _dot(q, w)
+            w = w - alpha * q - beta_prev * q_prev
+            if reorthogonalize:
+                for _ in range(2):
+                    w = w - Q[:i + 1].T @ (Q[:i + 1] @ w)
+            beta = w.norm()
+            alphas[i], betas[i] = alpha, beta
+            # never divide by zero; a (near-)breakdown found at the check discards what follows
+            q_prev, q = q, w / torch.clamp(beta, min=torch.finfo(dtype).tiny)
+            beta_prev = beta
+        a_host = alphas[:stop].double().cpu()                 # one transfer per check
+        b_host = betas[:stop].double().cpu()
+        syncs += 1
+        if not (torch.isfinite(a_host).all() and torch.isfinite(b_host).all()):
+            finite, n = False, stop
             break
-        beta = w.norm().item()
-        scale = max(scale, abs(alphas[-1]), beta)
-        if beta <= breakdown_tol * scale:
-            if j + 1 >= k:
+        n = stop
+        scale = 0.0
+        broke = None
+        for i in range(j, stop):  # first breakdown in this window (host floats, no sync)
+            scale = max(scale, float(a_host[:i + 1].abs().max()), float(b_host[i]))
+            if i < dim - 1 and float(b_host[i]) <= breakdown_tol * scale and i + 1 < m:
+                broke = i
                 break
-            # invariant subspace with fewer than k vectors: restart orthogonally to Q
-            w = _random((dim,), "gauss", device, dtype, generator)
-            for _ in range(2):
-                w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-            betas.append(0.0)
-            q_prev, q, beta = q, w / w.norm(), 0.0
-            continue
-        betas.append(beta)
-        q_prev, q = q, w / beta
-
-    n = len(alphas)
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if n > 1:
-        off = torch.tensor(betas[:n - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    evals, evecs = torch.linalg.eigh(T)  # ascending
-    evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k]
-    vecs = Q[:n].T @ evecs.to(device=device, dtype=dtype)
-    vecs = vecs / vecs.norm(dim=0, keepdim=True)
-    return evals.to(device=device, dtype=dtype), vecs
+        if broke is not None:
+            n = broke + 1
+            if n < k:  # invariant subspace with fewer than k vectors: restart orthogonally to Q
+                w = _random((dim,), "gauss", device, dtype, generator)
+                for _ in range(2):
+                    w = w - Q[:n].T @ (Q[:n] @ w)
+                restart_at.add(broke)
+                q_prev, q = Q[broke], w / w.norm()
+                beta_prev = torch.zeros((), device=device, dtype=dtype)
+                j = n
+                continue
+        off = b_host[:n - 1].clone()
+        for r in restart_at:
+            if r < n - 1:
+                off[r] = 0.0
+        T = torch.diag(a_host[:n]) + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, S = torch.linalg.eigh(T)                          # ascending
+        theta, S = theta.flip(0)[:k], S.flip(1)[:, :k]
+        beta_n = 0.0 if broke is not None else float(b_host[n - 1])
+        resid = beta_n * S[-1].abs() / theta.abs().clamp(min=1e-300)
+        evals, evecs = theta, S
+        if broke is not None:
+            converged = True
+            break
+        if tol is not None and bool((resid <= tol).all()):
+            converged = True
+            break
+        if n >= m:
+            break
+        j = n
+    if not finite:
+        nan = torch.full((k,), float("nan"), device=device, dtype=dtype)
+        vecs = torch.full((dim, k), float("nan"), device=device, dtype=dtype)
+        out = (nan, vecs)
+        info = EigenInfo(iterations=matvecs, residuals=torch.full((k,), float("nan"), dtype=torch.float64),
+                         converged=False, finite=False,
+                         host_syncs=syncs, restarts=len(restart_at))
+    else:
+        vecs = Q[:n].T @ evecs.to(device=device, dtype=dtype)
+        vecs = vecs / vecs.norm(dim=0, keepdim=True)
+        out = (evals.to(device=device, dtype=dtype), vecs)
+        info = EigenInfo(iterations=matvecs, residuals=resid,
+                         converged=converged, finite=True, host_syncs=syncs,
+                         restarts=len(restart_at))
+    return (*out, info) if return_info else out
 
 
 def block_power_iteration(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
@@ -292,7 +410,7 @@ def hutchinson_trace(matvec: Matvec, dim: Optional[int] = None, num_samples: int
     return total / num_samples
 
 
-__all__ = ["params_to_vector", "vector_to_tensors", "HessianOperator", "hvp",
+__all__ = ["params_to_vector", "vector_to_tensors", "HessianOperator", "hvp", "EigenInfo",
            "power_iteration", "lanczos", "block_power_iteration", "hutchinson_trace"]
 
 

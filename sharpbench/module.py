@@ -73,6 +73,7 @@ class SharpnessModule(L.LightningModule):
                              else torch.zeros(0, dtype=torch.long), persistent=False)
         # What a run measured (python ints: counting costs no host synchronisation).
         self.passes = 0
+        self.input_shape: tuple | None = None  # shape of a training batch (for the FLOP count)
         self.steps_done = 0
         self.skipped_steps = 0
         self._forward = torch.compile(model) if compile else model
@@ -167,11 +168,14 @@ class SharpnessModule(L.LightningModule):
             return loss.detach()
         return bn_policy_closure(self.model, closure, self.bn_policy)
 
-    def make_extra_inputs(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> dict:
+    def make_extra_inputs(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                          batch_idx: int | None = None) -> dict:
         extras = {}
         for name in getattr(opt, "extra_inputs", ()):
             if name == "loss_closure":
-                extras[name] = self._loss_closure(x, y)
+                extras[name] = self._loss_closure(x, y, getattr(opt, "hessian_loss", "train"))
+            elif name == "batch_idx":  # X-SAM's per-epoch refresh schedule
+                extras[name] = batch_idx
             elif name == "fisher_closure":
                 extras[name] = self._fisher_closure(opt)
             else:
@@ -179,13 +183,24 @@ class SharpnessModule(L.LightningModule):
                                 f"know how to supply: {name!r}")
         return extras
 
-    def _loss_closure(self, x: Tensor, y: Tensor):
-        """Loss with graph at the current weights (for Hessian-vector products); BN frozen."""
+    def _loss_closure(self, x: Tensor, y: Tensor, kind: str = "train"):
+        """Loss with graph at the current weights, for Hessian-vector products. Always fp32 (outside
+        autocast): fp16 double backward through BatchNorm overflows to NaN. ``kind="train"``: the
+        objective being trained (train-mode BN with running statistics frozen, label smoothing);
+        ``"eval_ce"``: plain cross-entropy with the model in eval mode (X-SAM's authors)."""
         def loss_closure() -> Tensor:
             self.passes += 1
-            with frozen_bn_stats(self.model), self.autocast():
-                logits = self.model(x)
-            return self.training_loss(logits, y)  # the Hessian of the objective being trained
+            with torch.autocast(self.device.type, enabled=False):
+                if kind == "eval_ce":
+                    was_training = self.model.training
+                    self.model.eval()
+                    try:
+                        return F.cross_entropy(self.model(x).float(), y)
+                    finally:
+                        self.model.train(was_training)
+                with frozen_bn_stats(self.model):
+                    logits = self.model(x)
+                return self.training_loss(logits, y)
         return loss_closure
 
     def _fisher_closure(self, opt: torch.optim.Optimizer):
@@ -220,8 +235,9 @@ class SharpnessModule(L.LightningModule):
         opt = self.optimizers(use_pl_optimizer=False)
         lr = opt.param_groups[0]["lr"]  # the learning rate this step uses
         closure = self.make_closure(opt, x, y)
+        self.input_shape = tuple(x.shape)  # for the FLOP count of a pass (record.py)
         if isinstance(opt, SharpnessAwareOptimizer):
-            loss = opt.step(closure, **self.make_extra_inputs(opt, x, y))
+            loss = opt.step(closure, **self.make_extra_inputs(opt, x, y, batch_idx))
         else:  # one-pass optimizers: SGD, Adam, HATAM …
             loss = closure()
             if self.trainer.world_size > 1:
@@ -234,6 +250,11 @@ class SharpnessModule(L.LightningModule):
         self.steps_done += 1
         self.count_optimizer_step()
         self.watch_divergence(loss)
+        # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss is
+        # the loss at the unperturbed weights for every method.
+        if getattr(opt, "last_loss_is_perturbed", False):
+            self.log("train/loss_perturbed", loss, on_step=True, on_epoch=True)
+            return loss
         self._loss_sum = self._loss_sum + loss.double()
         self._loss_count += 1
         # Not on the progress bar: showing a step value there reads it back every batch (a sync).

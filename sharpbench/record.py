@@ -203,6 +203,16 @@ def steps_per_epoch(module) -> int | None:
         return None
 
 
+def step_cost(module, opt) -> dict[str, Any]:
+    """Cost per step with each HVP at its FLOP price, and the eigen-solve record (sharpbench.cost);
+    a failure to count is recorded, never fatal."""
+    from .cost import cost_record
+    try:
+        return cost_record(module, opt)
+    except Exception as exc:  # the record must still be written
+        return {"cost_error": f"{type(exc).__name__}: {exc}"}
+
+
 def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status: str,
                  overrides: list[str], config: dict, started_at: float,
                  error: str | None = None) -> dict[str, Any]:
@@ -249,6 +259,7 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started_at)),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    record.update(step_cost(module, opt))
     record["train_loss"] = module.train_loss_epoch
     record["train_acc"] = module.train_acc_epoch
     for split in ("val", "test"):

@@ -217,7 +217,12 @@ def test_lanczos_breakdown_low_rank():
     A = U @ U.T
     c = Counter(A)
     vals, vecs = lanczos(c, 30, k=2, num_iters=25, generator=g, dtype=torch.float64)
-    assert c.calls < 25  # stopped early
+    assert c.calls == 25  # no tol: one check at the end, the matvecs after the breakdown discarded
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:2], rtol=1e-8, atol=1e-10)
+    c = Counter(A)
+    vals, _, info = lanczos(c, 30, k=2, num_iters=25, generator=g, dtype=torch.float64, tol=1e-8,
+                            return_info=True)
+    assert c.calls == 5 and info.converged and info.host_syncs == 1  # stopped at the first check
     torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:2], rtol=1e-8, atol=1e-10)
     # k larger than the Krylov dimension: restart keeps going and returns k pairs
     vals5, vecs5 = lanczos(Counter(A), 30, k=6, num_iters=25, generator=g, dtype=torch.float64)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..curvature import HessianOperator, lanczos
 from .base import HessianCounters, SharpnessAwareOptimizer, check_positive, require_closure
+from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
 
 LossClosure = Callable[[], Tensor]
@@ -39,18 +40,18 @@ def ellipsoid_inverse_apply(g: Tensor | Sequence[Tensor], V: Tensor | Sequence[T
     return out[0] if single else out
 
 
-class A2SAM(HessianCounters, SharpnessAwareOptimizer):
-    """A²SAM, "Accelerated Anisotropic Sharpness-Aware Minimization" (seed 000, as restated in
-    METHODS.md). There is no published reference implementation; this follows METHODS.md.
+class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
+    """A²SAM, "Accelerated Anisotropic Sharpness-Aware Minimization" (DeepThinker-X Research
+    Unit; a method proposal with no published code or experiments, described in Russian). What
+    it specifies is restated here; the choices it leaves open are marked as ours.
 
     The neighbourhood is the ellipsoid ``eᵀ(I + α·V Λ Vᵀ)e <= rho²`` with ``(Λ, V)`` the top-``k``
     Hessian eigenpairs (negative eigenvalues clamped to 0): the ellipsoid is compressed along the
-    sharpest directions. With ``A = I + α·V Λ Vᵀ`` (the seed calls it M) the maximiser of ``eᵀg``
-    over it is::
+    sharpest directions. With ``A = I + α·V Λ Vᵀ`` the maximiser of ``eᵀg`` over it is::
 
         e = rho · A⁻¹g / sqrt(gᵀA⁻¹g),     A⁻¹ = I − V·diag(αλ/(1+αλ))·Vᵀ   (Woodbury)
 
-    so ``eᵀAe = rho²`` and ``||e|| <= rho``. Per step ``t``::
+    so ``eᵀAe = rho²`` and ``||e|| <= rho``. Per step ``t`` (defaults: ``stale_gradient=True``)::
 
         if t % interval == 0:  (Λ, V) <- Lanczos on HVPs of loss_closure() at w_t   (amortised)
         g   = g_stale                          the gradient of step t-1, at its perturbed point
@@ -62,68 +63,116 @@ class A2SAM(HessianCounters, SharpnessAwareOptimizer):
     The stale gradient is the perturbed-point gradient as the closure left it, before the base
     step reduces it across devices (each device perturbs with its own gradient); a skipped base
     step (fp16 overflow) keeps the previous stale gradient. ``rho`` is per parameter group (the
-    norms are global); ``alpha``, ``k``, ``interval``, ``lanczos_iters`` are global.
+    norms are global); the other hyperparameters are global attributes (the parameter groups are
+    shared with the base optimizer, whose RMSprop groups already have an ``alpha``).
 
-    Cost, counted in forward/backward passes with a Hessian-vector product counted as one (an HVP
-    by double backward really costs more, about 1.5–2 passes: measure wall-clock):
-    ``1`` per step, plus per refresh ``1`` (``loss_closure`` + the gradient with ``create_graph``)
-    ``+ lanczos_iters`` HVPs, plus ``1`` on step 0. The seed claims ``(interval + k)/interval``
-    ≈ 1.1–1.25 (it counts ``k`` passes per eigen-solve). Defaults ``k=5, interval=50,
-    lanczos_iters=10``: the seed's formula gives 55/50 = 1.10; our honest count gives
-    (50 + 1 + 10)/50 = 1.22 passes per step, inside the seed's range. ``lanczos_iters = 2k`` is
-    short: the top one or two Ritz pairs of a network Hessian (outliers) converge well, the lower
-    ones are underestimated (Ritz values are lower bounds), which only makes the ellipsoid rounder.
-    Lanczos is warm-started from ``ĝ_w + Σ_i v_i`` (the normalised gradient at ``w`` that
-    ``loss_closure`` yields for free, plus the previous eigenvectors): deterministic, and
-    gradients lie mostly in the top Hessian eigenspace. ``alpha=0.1`` is a judgement call, not
-    tuned (the seed gives no value): with a top eigenvalue ≈ 40 (the edge of stability of SGD with
-    lr 0.1, momentum 0.9) the perturbation along it shrinks about 5×.
+    Switches (ablations; each separates one ingredient of the method):
 
-    BatchNorm: after step 0 the only closure call is at ``w + e``, so that pass (the first, which
-    ``first_pass_updates_bn`` lets update the running statistics) updates them from the batch
-    statistics at the perturbed weights (``||e|| <= rho``); there is no pass at ``w`` to take
-    them from without paying for one. Drive this optimizer through ``step``: ``first_step`` /
-    ``second_step`` exist (``perturbation()`` uses the stale gradient) but a driver that computes
-    the gradient at ``w`` first wastes that pass.
+    - ``stale_gradient=False``: the fresh-gradient variant. Every step computes ``g = ∇L_B(w_t)``
+      first (closure at ``w_t``) and perturbs with it: 2 closure calls per step, like SAM, so only
+      the ellipsoid differs from SAM.
+    - ``alpha=0``: the sphere (``A = I``). No eigen-solve is ever run and ``loss_closure`` is not
+      needed; with the stale gradient this is "SAM with last step's gradient", so that the
+      ellipsoid's effect and the stale gradient's can be measured apart.
+    - ``alpha_mode="relative"``: α is scale-free, relative to the top eigenvalue of the current
+      solve: ``A = I + α·V (Λ/λ_max) Vᵀ``, so the ellipsoid's semi-axis along the sharpest
+      direction is ``rho/sqrt(1 + α)`` whatever the scale of the loss (``α = 3`` halves it).
+      With the default ``"absolute"``, ``A = I + α·V Λ Vᵀ`` as the method states it: the
+      compression depends on the Hessian's scale (with λ_max ≈ 40, α = 0.1 shrinks the top axis
+      by 1/sqrt(5)).
+
+    Eigen-solve: Lanczos with full reorthogonalisation, stopped once every one of the top ``k``
+    Ritz pairs has ``‖Hv − λv‖ <= lanczos_tol·|λ|`` (checked every ``lanczos_check_every``
+    iterations, from the tridiagonal matrix, no extra HVP) and after ``lanczos_iters`` HVPs at the
+    latest (``lanczos_tol=0`` or ``None``: always ``lanczos_iters``, one check at the end). It starts from ``ĝ_w + Σ_i v_i`` (the normalised gradient at ``w``, which
+    ``loss_closure`` yields for free, plus the previous eigenvectors): deterministic, and warm.
+    A solve that returns a non-finite value is discarded: the previous ``(Λ, V)`` stay (the sphere
+    before the first good solve), and the event is counted (``num_nonfinite_solves``) and logged.
+    HVPs run outside autocast (fp32): fp16 double backward through BatchNorm overflows. Each
+    solve's iterations and residuals are kept in ``method_state`` and go to metrics.json.
+
+    Host synchronisation: none on ordinary steps; on a refresh step one device→host read per
+    Lanczos check (the α/β coefficients, one transfer; the m×m tridiagonal problem is solved on
+    the host), so ``ceil(iterations / lanczos_check_every)`` reads per refresh
+    (``refresh_host_syncs_last``, ``num_host_syncs``).
+
+    Cost. Counted in FLOPs (``torch.utils.flop_counter``) on ResNet-18 / CIFAR, a
+    Hessian-vector product costs 2.04 training passes (forward + backward) and the Hessian's
+    graph (``loss_closure`` + the gradient with ``create_graph``) 1.0. A refresh with ``n`` Lanczos
+    iterations therefore costs ``1 + 1 + 2.04·n`` passes, and a run averages
+    ``1 + (1 + 2.04·n)/interval`` passes per step (plus 1 on step 0); with ``n = 10`` and
+    ``interval = 50`` that is 1.43× SGD, 0.71× SAM. The source's claim, ``(interval + k)/interval``
+    passes per step (≈ 1.1 at ``interval=50, k=5``), counts one pass per eigenpair: it holds only
+    if a refresh costs ``k`` passes, e.g. ``interval=100`` with ``n=5`` iterations gives
+    ``1 + (1 + 10.2)/100 ≈ 1.11``, at the price of inaccurate lower eigenpairs (Ritz values are
+    lower bounds: the 4th and 5th come out too small, which only makes the ellipsoid rounder).
+    metrics.json reports the measured ``cost_per_step`` with every HVP at its FLOP price.
+
+    BatchNorm: after step 0 (stale variant) the only closure call is at ``w + e``, so that pass
+    (the first, which ``first_pass_updates_bn`` lets update the running statistics) updates them
+    from the batch statistics at the perturbed weights (``||e|| <= rho``); there is no pass at
+    ``w`` to take them from without paying for one. Drive this optimizer through ``step``:
+    ``first_step`` / ``second_step`` exist (``perturbation()`` uses the stale gradient) but a
+    driver that computes the gradient at ``w`` first wastes that pass.
 
     Extra input (``extra_inputs = ("loss_closure",)``): ``step(closure, loss_closure)`` where
     ``loss_closure()`` returns the scalar loss on the current batch at the current (unperturbed)
     weights *with its graph* and does not call ``backward``. It is called only on refresh steps,
     before ``closure``; it must not update BatchNorm running statistics (wrap it in
-    ``frozen_bn_stats``) and, with fp16, must return the unscaled loss.
+    ``frozen_bn_stats``), should not run under fp16 autocast, and must return the unscaled loss.
 
-    ``step`` returns the loss it has, which is not always at the same point: on step 0 the loss of
-    the first closure call (at ``w``, as SAM); on refresh steps the loss of ``loss_closure()`` (at
-    ``w``); on the other (one-pass) steps only the perturbed-point loss ``L_B(w + e)`` exists and
-    is returned. ``last_loss_is_perturbed`` says which it was.
+    The loss ``step`` returns: the loss at the unperturbed ``w`` when the step has one (step 0,
+    every step of the fresh-gradient variant, and refresh steps, from ``loss_closure``); on the
+    other, one-pass steps only ``L_B(w + e)`` exists and is returned, with
+    ``last_loss_is_perturbed = True``. The Lightning module logs the two under different names
+    (``train/loss`` and ``train/loss_perturbed``), so curves compare like with like.
 
     Counters (python ints, saved in ``state_dict``): ``num_closure_calls``,
-    ``num_loss_closure_calls``, ``num_hvps``, ``num_eigen_solves``; ``passes`` is their weighted
-    sum (closure + loss_closure + HVP, one each). Optimizer state (restored by
-    ``load_state_dict``, so a resumed optimizer takes the identical next step): per parameter the
-    stale gradient and its rows of ``V``; globally ``Λ`` and the step counter.
+    ``num_loss_closure_calls``, ``num_hvps``, ``num_eigen_solves``; ``passes`` is their sum
+    (an HVP counted as one; for the true cost see ``cost_per_step`` in metrics.json). Optimizer
+    state (restored by ``load_state_dict``, so a resumed optimizer takes the identical next
+    step): per parameter the stale gradient and its rows of ``V``; globally ``Λ``, the step
+    counter and the eigen-solve record (see ``EigenSolveRecord``).
+
+    Defaults (the source gives no values): ``rho=0.05`` (SAM's), ``alpha=0.1`` (untuned),
+    ``k=5``, ``interval=50``, ``lanczos_tol=0.01``, ``lanczos_iters=30`` (the cap),
+    ``lanczos_check_every=5``.
     """
 
     passes_per_step: float = 1.0  # closure calls per step after step 0 (see ``passes``)
     extra_inputs: tuple[str, ...] = ("loss_closure",)
+    ALPHA_MODES = ("absolute", "relative")
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 alpha: float = 0.1, k: int = 5, interval: int = 50, lanczos_iters: int = 10,
-                 **base_kwargs):
+                 alpha: float = 0.1, k: int = 5, interval: int = 50, lanczos_iters: int = 30,
+                 lanczos_tol: float | None = 0.01, lanczos_check_every: int = 5,
+                 stale_gradient: bool = True, alpha_mode: str = "absolute", **base_kwargs):
         check_positive("rho", rho)
         if alpha < 0:
-            raise ValueError(f"A2SAM's alpha must be >= 0, got {alpha}")
+            raise ValueError(f"A2SAM's alpha must be >= 0 (0: the sphere, no eigen-solve), got {alpha}")
         if int(k) < 1 or int(interval) < 1:
             raise ValueError(f"A2SAM needs k >= 1 and interval >= 1, got k={k}, interval={interval}")
         if int(lanczos_iters) < int(k):
-            raise ValueError(f"lanczos_iters ({lanczos_iters}) must be >= k ({k})")
-        # alpha/k/interval are attributes, not group entries: the groups are shared with the base
-        # optimizer, and RMSprop's groups already have an "alpha".
+            raise ValueError(f"lanczos_iters ({lanczos_iters}, the iteration cap) must be >= k ({k})")
+        if lanczos_tol is not None and not lanczos_tol >= 0:
+            raise ValueError(f"lanczos_tol must be >= 0 (a relative Ritz residual; 0 or None: no "
+                             f"tolerance, always run lanczos_iters), got {lanczos_tol}")
+        if int(lanczos_check_every) < 1:
+            raise ValueError(f"lanczos_check_every must be >= 1, got {lanczos_check_every}")
+        if alpha_mode not in self.ALPHA_MODES:
+            raise ValueError(f"alpha_mode must be one of {self.ALPHA_MODES}, got {alpha_mode!r}")
         self.alpha, self.k, self.interval = float(alpha), int(k), int(interval)
-        self.lanczos_iters = int(lanczos_iters)
+        self.lanczos_iters, self.lanczos_check_every = int(lanczos_iters), int(lanczos_check_every)
+        self.lanczos_tol = float(lanczos_tol) if lanczos_tol else None
+        self.stale_gradient, self.alpha_mode = bool(stale_gradient), alpha_mode
+        if self.alpha == 0:
+            self.extra_inputs = ()  # the sphere: no eigen-solve, no loss_closure
+        if not self.stale_gradient:
+            self.passes_per_step = 2.0
         super().__init__(params, base_optimizer, dict(rho=rho), **base_kwargs)
         self.method_state.update(step=0, eigvals=None)
         self.init_counters()
+        self.init_solve_record()
         self.last_loss_is_perturbed = False
 
     @property
@@ -141,49 +190,60 @@ class A2SAM(HessianCounters, SharpnessAwareOptimizer):
             raise ValueError(
                 "A2SAM.step() needs loss_closure on eigen-solve steps: a function returning the "
                 "loss on the current batch at the current weights, with its graph and without "
-                "backward — opt.step(closure, loss_closure=lambda: loss_fn(model(x), y))")
+                "backward — opt.step(closure, loss_closure=lambda: loss_fn(model(x), y)) "
+                "(or alpha=0, which runs no eigen-solve)")
         params = self._params()
-        with torch.enable_grad():
+        device = params[0].device
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             loss = loss_closure()
             self.method_state["num_loss_closure_calls"] += 1
             op = HessianOperator(loss, params)
-        init = op.gradient / op.gradient.norm().clamp_min(1e-30)
-        if "eigvecs" in self.state[params[0]]:
-            init = init + torch.cat([self.state[p]["eigvecs"] for p in params]).sum(dim=1)
-        if not torch.isfinite(init).all() or init.norm() == 0:
-            init = None  # Lanczos draws a random start from the generator
-        generator = torch.Generator().manual_seed(int(self.method_state["step"]))
-        with torch.enable_grad():
-            lam, V = lanczos(op.matvec, op.dim, self.k, num_iters=self.lanczos_iters, init=init,
-                             generator=generator)
+            init = op.gradient / op.gradient.norm().clamp_min(1e-30)
+            if "eigvecs" in self.state[params[0]]:
+                init = init + torch.cat([self.state[p]["eigvecs"] for p in params]).sum(dim=1)
+            # a zero or non-finite start is replaced by a random one inside lanczos (no sync)
+            generator = torch.Generator(device=device).manual_seed(int(self.method_state["step"]))
+            lam, V, info = lanczos(op.matvec, op.dim, self.k, num_iters=self.lanczos_iters,
+                                   init=init, generator=generator, tol=self.lanczos_tol,
+                                   check_every=self.lanczos_check_every, return_info=True)
         self.method_state["num_hvps"] += op.num_hvps
         self.method_state["num_eigen_solves"] += 1
-        self.method_state["eigvals"] = lam.detach().clamp(min=0)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.state[p]["eigvecs"] = V[offset:offset + n].detach().clone()
-            offset += n
+        if self.record_solve(info, "Lanczos solve"):
+            self.method_state["eigvals"] = lam.detach().clamp(min=0)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                self.state[p]["eigvecs"] = V[offset:offset + n].detach().clone()
+                offset += n
         return loss.detach()
+
+    def _ellipsoid_lambdas(self) -> Tensor | None:
+        """The eigenvalues that enter ``A``: ``Λ`` (absolute α) or ``Λ/λ_max`` (relative α)."""
+        lam = self.method_state["eigvals"]
+        if lam is None or self.alpha == 0:
+            return None
+        if self.alpha_mode == "relative":
+            return lam / lam[0].clamp_min(torch.finfo(lam.dtype).tiny)
+        return lam
 
     # ----------------------------------------------------------------------- the perturbation
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:
-        """The ellipsoid's ``e`` from the stale gradient; before there is one, SAM's ``e`` from
-        the current ``.grad`` (step 0)."""
-        if not self._has_stale():
+        """The ellipsoid's ``e`` from the stale gradient (stale variant) or the current ``.grad``
+        (fresh variant); before there is a stale gradient (step 0), SAM's ``e``."""
+        if self.stale_gradient and not self._has_stale():
             params, rhos = self.params_and_rhos()
             return dict(zip(params, lp_ball_argmax([p.grad for p in params], rhos, 2.0)))
         params, rhos, grads = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
+                    g = self.state[p].get("stale_grad") if self.stale_gradient else p.grad
                     params.append(p)
                     rhos.append(group["rho"])
-                    stale = self.state[p].get("stale_grad")
-                    grads.append(torch.zeros_like(p) if stale is None else stale)
-        lam = self.method_state["eigvals"]
-        if lam is None:  # no eigen-solve yet (not reachable through step()): a sphere
+                    grads.append(torch.zeros_like(p) if g is None else g)
+        lam = self._ellipsoid_lambdas()
+        if lam is None:  # alpha = 0, or no eigen-solve yet: the sphere
             u = grads
         else:
             u = ellipsoid_inverse_apply(grads, [self.state[p]["eigvecs"] for p in params],
@@ -197,11 +257,11 @@ class A2SAM(HessianCounters, SharpnessAwareOptimizer):
     def step(self, closure=None, loss_closure: LossClosure | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
         refresh_loss = None
-        if self.method_state["step"] % self.interval == 0:
+        if self.alpha > 0 and self.method_state["step"] % self.interval == 0:
             refresh_loss = self._refresh_eigenpairs(loss_closure)
-        two_pass = not self._has_stale()
+        two_pass = not self.stale_gradient or not self._has_stale()
         try:
-            if two_pass:  # step 0: plain SAM
+            if two_pass:  # fresh variant, or step 0 of the stale one (plain SAM)
                 with torch.enable_grad():
                     loss = closure()
                 self.method_state["num_closure_calls"] += 1
@@ -213,8 +273,9 @@ class A2SAM(HessianCounters, SharpnessAwareOptimizer):
             self.method_state["num_closure_calls"] += 1
         finally:
             self.restore()
-        new_stale = {p: p.grad.detach().clone() for p in self._params() if p.grad is not None}
-        if self.base_step():
+        new_stale = ({p: p.grad.detach().clone() for p in self._params() if p.grad is not None}
+                     if self.stale_gradient else {})
+        if self.base_step() and self.stale_gradient:
             for p in self._params():
                 if p in new_stale:
                     self.state[p]["stale_grad"] = new_stale[p]
@@ -229,5 +290,3 @@ class A2SAM(HessianCounters, SharpnessAwareOptimizer):
             return refresh_loss
         self.last_loss_is_perturbed = True
         return perturbed_loss
-
-    

@@ -29,9 +29,13 @@ def parse_p(p: float | str) -> float:
 
 
 def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tensor]:
-    """``argmax_{||e||_p <= rho} eᵀg`` (Foret et al. 2021, eq. 2; seed 004):
+    """``argmax_{||e||_p <= rho} eᵀg`` (Foret et al. 2021, eq. 2):
 
         e_i = rho · sign(g_i) · |g_i|^(q-1) / ||g||_q^(q-1),   1/p + 1/q = 1
+
+    The denominator is Foret et al.'s ``(||g||_q^q)^(1/p)``, which equals ``||g||_q^(q-1)``; one
+    lecture-note transcription of this formula prints ``(||g||_q^2)^(1/p)`` (and as a factor, not a
+    divisor): a typo, since ``||e||_p = rho`` holds only with the form used here.
 
     p=2 gives ``rho·g/||g||_2``; p=∞ gives ``rho·sign(g)``; p=1 puts all of rho on the largest
     |g_i| (split evenly between ties). ``rho`` is given per tensor; the norm is global.
@@ -55,7 +59,7 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
 
 class SAM(SharpnessAwareOptimizer):
     """Sharpness-Aware Minimization (Foret et al., "Sharpness-Aware Minimization for Efficiently
-    Improving Generalization", ICLR 2021), with the general l_p neighbourhood of seed 004.
+    Improving Generalization", ICLR 2021), with the general l_p neighbourhood of their eq. 2.
 
     Per step, with ``g = ∇L_B(w)`` and ``1/p + 1/q = 1``::
 

@@ -8,19 +8,21 @@ from torch import Tensor
 
 from ..curvature import HessianOperator, params_to_vector, power_iteration
 from .base import HessianCounters, require_closure
+from .eigen_record import EigenSolveRecord
 from .sam import SAM
 
 LossClosure = Callable[[], Tensor]
 
 
-class XSAM(HessianCounters, SAM):
-    """X-SAM, explicit eigenvector-aligned SAM (Duan et al. 2026; seed 003: "we utilize the angle
-    between the gradient and the leading eigenvector of the Hessian as a measure of sharpness …
-    X-SAM corrects the gradient via orthogonal decomposition along the top eigenvector").
-    Not to be confused with another 2026 paper that also calls its method "XSAM": this class is
-    the eigenvector-aligned method of seed 003 only.
+class XSAM(EigenSolveRecord, HessianCounters, SAM):
+    """X-SAM, explicit eigenvector-aligned SAM (Duan et al. 2026, "Boosting Sharpness-Aware
+    Minimization with Dominant-Eigenvector Gradient Correction"; authors' code:
+    github.com/huang5467/X-SAM). The paper measures sharpness by the angle between the gradient
+    and the top Hessian eigenvector and corrects the SAM gradient by an orthogonal decomposition
+    along that eigenvector. Not to be confused with another 2026 paper that also calls its method
+    "XSAM": this class is the eigenvector-aligned method only.
 
-    Per step ``t``, with ``v`` the top Hessian eigenvector (unit norm)::
+    Per step ``t``, with ``v`` the top Hessian eigenvector (unit norm), at the defaults::
 
         if t % freq == 0:  v <- power iteration (power_iters HVPs of loss_closure() at w_t),
                                 warm-started from the previous v
@@ -29,51 +31,105 @@ class XSAM(HessianCounters, SAM):
         g_p = ∇L_B(w + e)                   closure() at w + e        (pass 2)
         w  <- base_step(w, g_p − α·(g_p·v)·v)
 
-    The correction removes the fraction ``α`` of ``g_p``'s component along ``v`` (METHODS.md). It
-    is *sign-invariant*: ``v`` and ``−v`` are the same eigenvector and give the same update. The
-    authors' code normalises the gradient and uses ``|ĝ·v|`` (roughly ``g_p − α·|ĝ·v|·v``); that
-    term flips direction with the arbitrary sign power iteration happens to return, so the update
-    would depend on the random start rather than on the landscape. We use the projection form.
+    The correction removes the fraction ``α`` of ``g_p``'s component along ``v``. It is
+    *sign-invariant*: ``v`` and ``−v`` are the same eigenvector and give the same update.
 
     Power iteration finds the eigenvalue of largest *magnitude* (for a network Hessian the top
-    positive one, in practice). The first solve starts from the gradient at ``w`` (which
-    ``loss_closure`` yields for free; gradients lie mostly in the top eigenspace), later ones from
-    the previous ``v``. Defaults from METHODS.md: ``alpha=0.2``, ``freq=5``, ``power_iters=5``.
+    positive one, in practice). ``power_iters`` HVPs apply H ``power_iters`` times (the last
+    product advances ``v``; its Rayleigh quotient, ``eigenvalue``, is one step behind). The first
+    solve starts from the gradient at ``w`` (which ``loss_closure`` yields for free; gradients lie
+    mostly in the top eigenspace), later ones from the previous ``v``. A solve with a non-finite
+    result is discarded (the previous ``v`` stays; none before the first good solve, i.e. plain
+    SAM), counted (``num_nonfinite_solves``) and logged: under fp16 a NaN eigenvector would
+    otherwise reach the weights, since the correction comes after the loss scaler's overflow
+    check. HVPs run outside autocast (fp32). Defaults from the paper: ``alpha=0.2``, ``freq=5``
+    (3–5), ``power_iters=5``.
+
+    Where the authors' code differs, each difference is a switch (defaults: ours):
+
+    - ``correction="sign"``: their correction ``g − α·sign(g·v)·(g·v)·v = g − α·|g·v|·v``. It
+      depends on the arbitrary sign of ``v`` that power iteration returns (``−v`` *adds* the
+      component), so the update depends on the random start rather than on the landscape; ours
+      (``"projection"``) is ``g − α·(g·v)·v``.
+    - ``normalize_gradient=True``: their base step takes the normalised gradient: the correction is
+      applied to ``ĝ = g_p/||g_p||`` (so the base optimizer sees a vector of norm about 1 and the
+      learning rate sets the step length). Ours passes ``g_p`` at its own scale, as SAM does.
+    - ``hessian_loss="eval_ce"``: their Hessian is that of the plain cross-entropy with the model
+      in eval mode (BatchNorm normalising with its running statistics). Ours (``"train"``) is the
+      Hessian of the objective being trained: train-mode BatchNorm (batch statistics, running
+      statistics frozen) and the run's label smoothing. At initialisation the two differ a lot
+      (running statistics are still their initial values). The driver reads this attribute when
+      it builds ``loss_closure``.
+    - ``refresh_schedule="per_epoch"``: their refresh runs at batch ``i`` of every epoch with
+      ``i % freq == 0 and i > 0``: the first refresh is at step ``freq`` (the first ``freq`` steps
+      are plain SAM), and the count restarts every epoch. This needs the batch index within the
+      epoch: ``step(closure, loss_closure, batch_idx=i)`` (``extra_inputs`` then includes
+      ``"batch_idx"``). Ours (``"global"``) refreshes at global steps ``0, freq, 2·freq, …``.
+
+    Not switchable: their first power iteration starts from a random vector (ours from the
+    gradient), and their code does not run as published (the X-SAM branch reads a variable set
+    only under another name).
 
     Extra input (``extra_inputs = ("loss_closure",)``): ``step(closure, loss_closure)`` where
     ``loss_closure()`` returns the scalar loss on the current batch at the current (unperturbed)
     weights with its graph and without calling ``backward``; it is called only on refresh steps,
     before ``closure``, and must not update BatchNorm running statistics (wrap it in
-    ``frozen_bn_stats``); with fp16 it must return the unscaled loss.
+    ``frozen_bn_stats``); it should not run under fp16 autocast and must return the unscaled loss.
 
-    Cost: 2 closure calls per step, plus per refresh one ``loss_closure`` call and
-    ``power_iters`` HVPs (≈ 2 + 6/5 = 3.2 passes per step at the defaults, an HVP counted as one).
-    ``step`` returns the loss of the first closure call (at ``w``), as SAM does.
+    Cost: 2 closure calls per step, plus per refresh one ``loss_closure`` call (forward and a
+    backward with ``create_graph``: 1.0 training pass in FLOPs on ResNet-18) and ``power_iters``
+    HVPs (2.04 passes each): at the defaults ``2 + (1 + 5·2.04)/5 ≈ 4.2`` passes per step, 2.1×
+    SAM. metrics.json reports the measured ``cost_per_step``. Host synchronisation: one
+    device→host read per refresh (the finiteness flag and the residual of the solve, together);
+    none on other steps. ``step`` returns the loss of the first closure call (at ``w``), as SAM.
 
     Counters (python ints, saved in ``state_dict``): ``num_closure_calls``, ``num_hvps``,
-    ``num_loss_closure_calls``, ``num_eigen_solves``, and ``passes``, their sum (an HVP counted as
-    one pass; it really costs more, measure wall-clock). State: ``v`` (per parameter, ``state[p]["eigvec"]``), its Rayleigh
-    quotient ``eigenvalue`` and the step counter; a resumed optimizer takes the identical next step.
-    ``alpha``, ``freq``, ``power_iters`` are global attributes (the parameter groups are shared
-    with the base optimizer, whose RMSprop groups already have an ``alpha``); ``rho`` is per group.
+    ``num_loss_closure_calls``, ``num_eigen_solves`` and ``passes``, their sum (an HVP counted as
+    one pass), and the eigen-solve record (``EigenSolveRecord``). State: ``v`` (per parameter,
+    ``state[p]["eigvec"]``), its Rayleigh quotient ``eigenvalue`` and the step counter; a resumed
+    optimizer takes the identical next step. ``alpha``, ``freq``, ``power_iters`` and the switches
+    are global attributes; ``rho`` is per group.
     """
 
     passes_per_step: float = 2.0
     extra_inputs: tuple[str, ...] = ("loss_closure",)
+    CORRECTIONS = ("projection", "sign")
+    HESSIAN_LOSSES = ("train", "eval_ce")
+    REFRESH_SCHEDULES = ("global", "per_epoch")
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 alpha: float = 0.2, freq: int = 5, power_iters: int = 5, **base_kwargs):
+                 alpha: float = 0.2, freq: int = 5, power_iters: int = 5,
+                 correction: str = "projection", normalize_gradient: bool = False,
+                 hessian_loss: str = "train", refresh_schedule: str = "global", **base_kwargs):
         if int(freq) < 1 or int(power_iters) < 1:
             raise ValueError(f"XSAM needs freq >= 1 and power_iters >= 1, got {freq}, {power_iters}")
+        for name, value, allowed in (("correction", correction, self.CORRECTIONS),
+                                     ("hessian_loss", hessian_loss, self.HESSIAN_LOSSES),
+                                     ("refresh_schedule", refresh_schedule, self.REFRESH_SCHEDULES)):
+            if value not in allowed:
+                raise ValueError(f"XSAM's {name} must be one of {allowed}, got {value!r}")
         self.alpha, self.freq, self.power_iters = float(alpha), int(freq), int(power_iters)
+        self.correction, self.normalize_gradient = correction, bool(normalize_gradient)
+        self.hessian_loss, self.refresh_schedule = hessian_loss, refresh_schedule
+        if refresh_schedule == "per_epoch":
+            self.extra_inputs = ("loss_closure", "batch_idx")
         super().__init__(params, base_optimizer, rho=rho, p=2.0, **base_kwargs)
         self.method_state.update(step=0, eigval=None)
         self.init_counters()
+        self.init_solve_record()
 
     @property
     def eigenvalue(self) -> Tensor | None:
         """Rayleigh quotient of the current ``v`` (its top-eigenvalue estimate)."""
         return self.method_state["eigval"]
+
+    def is_refresh_step(self, batch_idx: int | None = None) -> bool:
+        if self.refresh_schedule == "global":
+            return self.method_state["step"] % self.freq == 0
+        if batch_idx is None:
+            raise ValueError("XSAM with refresh_schedule='per_epoch' needs the batch index within "
+                             "the epoch: opt.step(closure, loss_closure=..., batch_idx=i)")
+        return batch_idx % self.freq == 0 and batch_idx > 0
 
     @torch.no_grad()
     def _refresh_eigenvector(self, loss_closure: LossClosure | None) -> None:
@@ -83,22 +139,22 @@ class XSAM(HessianCounters, SAM):
                 "the current batch at the current weights, with its graph and without backward — "
                 "opt.step(closure, loss_closure=lambda: loss_fn(model(x), y))")
         params = self._params()
-        with torch.enable_grad():
+        device = params[0].device
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False):
             loss = loss_closure()
             self.method_state["num_loss_closure_calls"] += 1
             op = HessianOperator(loss, params)
-        if "eigvec" in self.state[params[0]]:
-            init = params_to_vector([self.state[p]["eigvec"] for p in params])
-        else:
-            init = op.gradient
-        if not torch.isfinite(init).all() or init.norm() == 0:
-            init = None  # random start from the generator
-        generator = torch.Generator().manual_seed(int(self.method_state["step"]))
-        with torch.enable_grad():
-            lam, v = power_iteration(op.matvec, op.dim, iters=self.power_iters, init=init,
-                                     generator=generator)
+            if "eigvec" in self.state[params[0]]:
+                init = params_to_vector([self.state[p]["eigvec"] for p in params])
+            else:
+                init = op.gradient  # zero or non-finite: power_iteration starts at random
+            generator = torch.Generator(device=device).manual_seed(int(self.method_state["step"]))
+            lam, v, info = power_iteration(op.matvec, op.dim, iters=self.power_iters, init=init,
+                                           generator=generator, return_info=True)
         self.method_state["num_hvps"] += op.num_hvps
         self.method_state["num_eigen_solves"] += 1
+        if not self.record_solve(info, "power iteration"):
+            return
         self.method_state["eigval"] = lam.detach()
         offset = 0
         for p in params:
@@ -108,12 +164,24 @@ class XSAM(HessianCounters, SAM):
 
     @torch.no_grad()
     def correct_gradient(self) -> None:
-        """``g_p <- g_p − α·(g_p·v)·v`` on the current ``.grad``, in place (one global dot)."""
-        params = [p for p in self._params() if p.grad is not None and "eigvec" in self.state[p]]
+        """On the current ``.grad`` in place (global dots, no host sync): optionally normalise
+        (``g <- g/||g||``), then ``g <- g − α·c·v`` with ``c = g·v`` (``"projection"``) or
+        ``c = |g·v|`` (``"sign"``)."""
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            return
+        if self.normalize_gradient:
+            norm = torch.stack([p.grad.norm() for p in params]).norm()
+            inv = 1.0 / (norm + 1e-12)
+            for p in params:
+                p.grad.mul_(inv)
+        params = [p for p in params if "eigvec" in self.state[p]]
         if not params or self.alpha == 0:
             return
         dot = torch.stack([torch.dot(p.grad.reshape(-1), self.state[p]["eigvec"].reshape(-1))
                            for p in params]).sum()
+        if self.correction == "sign":
+            dot = dot.abs()
         scale = -self.alpha * dot
         for p in params:
             p.grad.add_(self.state[p]["eigvec"] * scale)
@@ -122,9 +190,10 @@ class XSAM(HessianCounters, SAM):
         self.correct_gradient()
 
     @torch.no_grad()
-    def step(self, closure=None, loss_closure: LossClosure | None = None) -> Tensor:
+    def step(self, closure=None, loss_closure: LossClosure | None = None,
+             batch_idx: int | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
-        if self.method_state["step"] % self.freq == 0:
+        if self.is_refresh_step(batch_idx):
             self._refresh_eigenvector(loss_closure)
 
         def counted() -> Tensor:

@@ -85,3 +85,25 @@ def cost_record(module: Any, opt: Any) -> dict[str, Any]:
     if hasattr(opt, "solve_summary"):
         record.update(opt.solve_summary())
     return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sharpbench.cost --model resnet18 --batch 128``: the FLOP prices of a model."""
+    import argparse
+
+    from .models import build_model
+    ap = argparse.ArgumentParser(description="FLOPs of a training pass, a Hessian graph and an HVP")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--num-classes", type=int, default=10)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    prices = pass_flops(build_model(args.model, num_classes=args.num_classes),
+                        (args.batch, 3, 32, 32), args.num_classes, args.label_smoothing)
+    print(f"{args.model}, batch {args.batch}: one pass (forward + backward) "
+          f"{prices['flops_per_pass'] / 1e9:.1f} GFLOP; Hessian graph {prices['graph_cost']:.2f} "
+          f"passes; one HVP {prices['hvp_cost']:.2f} passes")
+
+
+if __name__ == "__main__":
+    main()

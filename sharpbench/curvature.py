@@ -14,6 +14,7 @@ an explicit symmetric matrix (`lambda v: A @ v`).
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
@@ -137,9 +138,9 @@ class EigenInfo:
     """What an eigen-solve achieved (returned with ``return_info=True``).
 
     - ``iterations``: matrix-vector products spent;
-    - ``residuals``: ``‖A v_i − λ_i v_i‖ / |λ_i|`` per returned pair (a float64 CPU tensor, read
-      with the solve's last host transfer; for power iteration the pair is (the last input
-      vector, its Rayleigh quotient));
+    - ``residuals``: ``‖A v_i − λ_i v_i‖ / |λ_i|`` per returned pair (python floats, read with
+      the solve's last host transfer; for power iteration the pair is (the last input vector,
+      its Rayleigh quotient));
     - ``converged``: every residual ≤ ``tol`` (always ``False`` when no ``tol`` was given, unless
       the Krylov space became invariant, where the pairs are exact);
     - ``finite``: every α/β/λ of the solve was finite (``False``: the output is not usable);
@@ -148,7 +149,7 @@ class EigenInfo:
     """
 
     iterations: int
-    residuals: torch.Tensor
+    residuals: tuple
     converged: bool
     finite: bool
     host_syncs: int
@@ -220,7 +221,7 @@ def power_iteration(matvec: Matvec, dim=None, iters: int = 20,
         return lam.detach(), v.detach()
     flag = (torch.isfinite(lam) & torch.isfinite(v).all()).to(residual.dtype)
     finite, res = torch.stack([flag, residual.detach()]).tolist()   # the one host read
-    info = EigenInfo(iterations=done, residuals=torch.tensor([res], dtype=torch.float64),
+    info = EigenInfo(iterations=done, residuals=(res,),
                      converged=tol is not None and res <= tol, finite=bool(finite),
                      host_syncs=syncs + 1)
     return lam.detach(), v.detach(), info
@@ -247,8 +248,8 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
 
     Host synchronisation. The iterations run on the device without reading any value back:
     α_j, β_j stay device tensors. Every ``check_every`` iterations (and at the cap) they are
-    copied to the host in one transfer and T is solved there (it is at most m×m): a solve with
-    ``tol=None`` reads the device once; with ``tol``, once per check.
+    copied to the host in one transfer and T is solved there with numpy (it is at most m×m): a
+    solve with ``tol=None`` reads the device once; with ``tol``, once per check.
 
     m = num_iters defaults to min(dim, max(2k + 10, 20)); each iteration costs one matvec.
     Memory: the basis is an [m, dim] tensor in `dtype` on `device`, e.g. 30 x 11.2M floats
@@ -304,18 +305,17 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
             # never divide by zero; a (near-)breakdown found at the check discards what follows
             q_prev, q = q, w / torch.clamp(beta, min=torch.finfo(dtype).tiny)
             beta_prev = beta
-        a_host = alphas[:stop].double().cpu()                 # one transfer per check
-        b_host = betas[:stop].double().cpu()
+        # one transfer per check; from here on numpy on the host (no further device reads)
+        a_host, b_host = np.array(torch.stack([alphas[:stop], betas[:stop]]).tolist(), dtype=np.float64)
         syncs += 1
-        if not (torch.isfinite(a_host).all() and torch.isfinite(b_host).all()):
+        if not (np.isfinite(a_host).all() and np.isfinite(b_host).all()):
             finite, n = False, stop
             break
         n = stop
-        scale = 0.0
         broke = None
-        for i in range(j, stop):  # first breakdown in this window (host floats, no sync)
-            scale = max(scale, float(a_host[:i + 1].abs().max()), float(b_host[i]))
-            if i < dim - 1 and float(b_host[i]) <= breakdown_tol * scale and i + 1 < m:
+        for i in range(j, stop):  # first breakdown in this window
+            scale = max(np.abs(a_host[:i + 1]).max(), np.abs(b_host[:i + 1]).max())
+            if i < dim - 1 and b_host[i] <= breakdown_tol * scale and i + 1 < m:
                 broke = i
                 break
         if broke is not None:
@@ -329,15 +329,15 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
                 beta_prev = torch.zeros((), device=device, dtype=dtype)
                 j = n
                 continue
-        off = b_host[:n - 1].clone()
+        off = b_host[:n - 1].copy()
         for r in restart_at:
             if r < n - 1:
                 off[r] = 0.0
-        T = torch.diag(a_host[:n]) + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)                          # ascending
-        theta, S = theta.flip(0)[:k], S.flip(1)[:, :k]
+        T = np.diag(a_host[:n]) + np.diag(off, 1) + np.diag(off, -1)
+        theta, S = np.linalg.eigh(T)                             # ascending
+        theta, S = theta[::-1][:k].copy(), S[:, ::-1][:, :k].copy()
         beta_n = 0.0 if broke is not None else float(b_host[n - 1])
-        resid = beta_n * S[-1].abs() / theta.abs().clamp(min=1e-300)
+        resid = beta_n * np.abs(S[-1]) / np.maximum(np.abs(theta), 1e-300)
         evals, evecs = theta, S
         if broke is not None:
             converged = True
@@ -352,14 +352,14 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
         nan = torch.full((k,), float("nan"), device=device, dtype=dtype)
         vecs = torch.full((dim, k), float("nan"), device=device, dtype=dtype)
         out = (nan, vecs)
-        info = EigenInfo(iterations=matvecs, residuals=torch.full((k,), float("nan"), dtype=torch.float64),
+        info = EigenInfo(iterations=matvecs, residuals=(float("nan"),) * k,
                          converged=False, finite=False,
                          host_syncs=syncs, restarts=len(restart_at))
     else:
-        vecs = Q[:n].T @ evecs.to(device=device, dtype=dtype)
+        vecs = Q[:n].T @ torch.from_numpy(evecs).to(device=device, dtype=dtype)
         vecs = vecs / vecs.norm(dim=0, keepdim=True)
-        out = (evals.to(device=device, dtype=dtype), vecs)
-        info = EigenInfo(iterations=matvecs, residuals=resid,
+        out = (torch.from_numpy(evals).to(device=device, dtype=dtype), vecs)
+        info = EigenInfo(iterations=matvecs, residuals=tuple(float(r) for r in resid),
                          converged=converged, finite=True, host_syncs=syncs,
                          restarts=len(restart_at))
     return (*out, info) if return_info else out

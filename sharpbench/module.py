@@ -250,10 +250,17 @@ class SharpnessModule(L.LightningModule):
         self.steps_done += 1
         self.count_optimizer_step()
         self.watch_divergence(loss)
-        # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss is
-        # the loss at the unperturbed weights for every method.
-        if getattr(opt, "last_loss_is_perturbed", False):
-            self.log("train/loss_perturbed", loss, on_step=True, on_epoch=True)
+        perturbed = getattr(opt, "last_loss_is_perturbed", None)
+        if perturbed is not None:
+            # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss
+            # is the loss at the unperturbed weights for every method. Both names every step (NaN
+            # where absent): a name logged on some steps only would repeat its last value.
+            nan = torch.full_like(loss, float("nan"))
+            self.log("train/loss", nan if perturbed else loss, on_step=True, on_epoch=False)
+            self.log("train/loss_perturbed", loss if perturbed else nan, on_step=True, on_epoch=False)
+            if not perturbed:
+                self._loss_sum = self._loss_sum + loss.double()
+                self._loss_count += 1
             return loss
         self._loss_sum = self._loss_sum + loss.double()
         self._loss_count += 1

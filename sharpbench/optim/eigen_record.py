@@ -44,7 +44,7 @@ class EigenSolveRecord:
             return False
         if not info.converged:
             s["num_unconverged_solves"] += 1
-        s["eigen_residuals_last"] = [float(r) for r in info.residuals.tolist()]
+        s["eigen_residuals_last"] = list(info.residuals)
         return True
 
     def solve_summary(self) -> dict:

@@ -254,10 +254,12 @@ class SharpnessModule(L.LightningModule):
         if perturbed is not None:
             # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss
             # is the loss at the unperturbed weights for every method. Both names every step (NaN
-            # where absent): a name logged on some steps only would repeat its last value.
+            # where absent: a name logged on some steps only would repeat its last value), step
+            # values only (an epoch mean over NaN is NaN), under the names the others' steps get.
             nan = torch.full_like(loss, float("nan"))
-            self.log("train/loss", nan if perturbed else loss, on_step=True, on_epoch=False)
-            self.log("train/loss_perturbed", loss if perturbed else nan, on_step=True, on_epoch=False)
+            self.log("train/loss_step", nan if perturbed else loss, on_step=True, on_epoch=False)
+            self.log("train/loss_perturbed_step", loss if perturbed else nan, on_step=True,
+                     on_epoch=False)
             if not perturbed:
                 self._loss_sum = self._loss_sum + loss.double()
                 self._loss_count += 1

@@ -132,20 +132,25 @@ def test_a2sam_ablations_match_reference(variant):
 
 
 def test_a2sam_relative_alpha_is_scale_free():
-    """Scaling the loss by c scales H by c: relative α gives the same perturbation direction."""
-    outs = []
-    for c in (1.0, 10.0):
-        model = tiny_model()
-        opt = A2SAM(model.parameters(), torch.optim.SGD, lr=0.0, rho=0.1, alpha=3.0, k=3,
-                    alpha_mode="relative", lanczos_iters=26, lanczos_tol=None)
-        (x, y), = batches(1, seed=2)
-        opt.step(*[lambda: None] * 0, closure=lambda: (opt.zero_grad(), (c * nn.functional.cross_entropy(model(x), y)).backward()) and None,
-                 loss_closure=lambda: c * nn.functional.cross_entropy(model(x), y))
-        for p in model.parameters():  # a stale gradient of norm 1 along a fixed direction
-            opt.state[p]["stale_grad"] = torch.ones_like(p)
-        eps = opt.perturbation()
-        outs.append(torch.cat([e.reshape(-1) for e in eps.values()]))
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-9)
+    """Scaling the loss by c scales H by c: relative α gives the same perturbation, absolute α not."""
+    (x, y), = batches(1, seed=2)
+    for mode, same in (("relative", True), ("absolute", False)):
+        outs = []
+        for c in (1.0, 10.0):
+            model = tiny_model()
+            opt = A2SAM(model.parameters(), torch.optim.SGD, lr=0.0, rho=0.1, alpha=3.0, k=3,
+                        alpha_mode=mode, lanczos_iters=26, lanczos_tol=None)
+
+            def closure():
+                opt.zero_grad()
+                loss = c * nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure, loss_closure=lambda: c * nn.functional.cross_entropy(model(x), y))
+            for p in model.parameters():  # the same stale gradient for both scales
+                opt.state[p]["stale_grad"] = torch.ones_like(p)
+            outs.append(torch.cat([e.reshape(-1) for e in opt.perturbation().values()]))
+        assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-9) == same
 
 
 def test_a2sam_records_each_solve_and_keeps_geometry_on_non_finite(caplog):

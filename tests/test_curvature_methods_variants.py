@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.utils._python_dispatch
 
 from sharpbench.cost import cost_per_step, pass_flops
 from sharpbench.curvature import lanczos, power_iteration
@@ -273,6 +274,38 @@ def test_module_hessian_losses():
         net.train()
         torch.testing.assert_close(train_loss, nn.functional.cross_entropy(net(x), y, label_smoothing=0.1))
     assert (train_loss - eval_loss).abs() > 1e-3
+
+
+# ================================================================================ host reads
+class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts scalar reads (.item(), float(t), bool(t), `if t:`): each one waits for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls,kw", [(A2SAM, dict(k=2, interval=2, lanczos_iters=8, lanczos_tol=1e-3,
+                                                 lanczos_check_every=4)),
+                                    (XSAM, dict(freq=2, power_iters=3))])
+def test_no_scalar_reads_in_steps_and_refreshes(cls, kw):
+    """The solvers read the device once per check (a bulk .tolist(), counted in host_syncs), never
+    element by element; ordinary steps read nothing."""
+    model = tiny_model()
+    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, **kw)
+    for x, y in batches(4, seed=12):
+        closure, loss_closure = closures(model, opt, x, y)
+        with ScalarReads() as mode:
+            opt.step(closure, loss_closure=loss_closure)
+        assert mode.reads == 0
+    assert opt.num_eigen_solves == 2
+    expected = 2 if cls is A2SAM else 1  # A²SAM: 8 iterations, a check every 4; X-SAM: one read
+    assert opt.method_state["refresh_host_syncs_last"] == expected
 
 
 # ================================================================================ cost

@@ -251,7 +251,12 @@ class SharpnessModule(L.LightningModule):
         self.count_optimizer_step()
         self.watch_divergence(loss)
         perturbed = getattr(opt, "last_loss_is_perturbed", None)
-        if perturbed is not None:
+        if perturbed is None:
+            self._loss_sum = self._loss_sum + loss.double()
+            self._loss_count += 1
+            # Not on the progress bar: showing a step value there reads it back every batch (a sync).
+            self.log("train/loss", loss, on_step=True, on_epoch=True)
+        else:
             # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss
             # is the loss at the unperturbed weights for every method. Both names every step (NaN
             # where absent: a name logged on some steps only would repeat its last value), step
@@ -263,11 +268,6 @@ class SharpnessModule(L.LightningModule):
             if not perturbed:
                 self._loss_sum = self._loss_sum + loss.double()
                 self._loss_count += 1
-            return loss
-        self._loss_sum = self._loss_sum + loss.double()
-        self._loss_count += 1
-        # Not on the progress bar: showing a step value there reads it back every batch (a sync).
-        self.log("train/loss", loss, on_step=True, on_epoch=True)
         if self.trainer._logger_connector.should_update_logs:
             self.log_step_values(opt, lr)
         return loss

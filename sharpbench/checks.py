@@ -241,6 +241,13 @@ def expected_classes(data: Mapping[str, Any]) -> int | None:
     return CIFAR_NUM_CLASSES.get(data.get("name"))
 
 
+def failure_status(err: BaseException) -> str:
+    """``data_unavailable`` for an environment problem (dataset missing, download impossible,
+    archive corrupt), ``invalid_config`` for a setting the user must change."""
+    from .data import DatasetUnavailableError
+    return "data_unavailable" if isinstance(err, DatasetUnavailableError) else "invalid_config"
+
+
 def check_config(cfg: Any) -> None:
     """Checks that need no data: every key, the rules between keys, the optimizer's own checks."""
     from omegaconf import OmegaConf

@@ -42,14 +42,31 @@ class DivergenceError(RuntimeError):
 
 
 class SharpnessModule(L.LightningModule):
-    def __init__(self, model: nn.Module, optimizer_cfg: Mapping[str, Any],
-                 schedule_cfg: Mapping[str, Any], *, num_classes: int, epochs: int,
+    """``model`` is a built network, or ``None`` with ``model_cfg`` (``{"name", "num_classes",
+    **constructor kwargs}`` for :func:`sharpbench.models.build_model`) to build it here. Every
+    argument but ``model`` and ``class_counts`` is saved in the checkpoint's hyperparameters, so
+    with ``model_cfg`` given ``SharpnessModule.load_from_checkpoint(path)`` rebuilds the module;
+    ``run_config`` (the run's resolved config) travels with it for ``sharpbench eval``."""
+
+    def __init__(self, model: nn.Module | None = None, optimizer_cfg: Mapping[str, Any] | None = None,
+                 schedule_cfg: Mapping[str, Any] | None = None, *, num_classes: int, epochs: int,
                  precision: str = "32", label_smoothing: float = 0.0, grad_clip: float = 0.0,
                  class_counts: Tensor | None = None, fisher_batch_size: int = 64,
-                 sync_perturbation: bool = False, compile: bool = False):
+                 sync_perturbation: bool = False, compile: bool = False,
+                 model_cfg: Mapping[str, Any] | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if optimizer_cfg is None or schedule_cfg is None:
+            raise TypeError("SharpnessModule needs optimizer_cfg and schedule_cfg")
+        self.save_hyperparameters(ignore=["model", "class_counts"])
+        if model is None:
+            if model_cfg is None:
+                raise ValueError("SharpnessModule needs a model, or model_cfg to build one "
+                                 "({'name': 'resnet18', 'num_classes': 10, ...})")
+            from .models import build_model
+            model = build_model(**dict(model_cfg))
         self.model = model
         self.automatic_optimization = False
         self.optimizer_cfg = dict(optimizer_cfg)

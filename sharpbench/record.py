@@ -21,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from .fileio import default_file_mode
+
 METRICS_FILE = "metrics.json"
 
 
@@ -44,9 +46,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def readable_mode() -> int:
     """0666 minus the process umask: what ``open()`` would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return default_file_mode()
 
 
 def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .checks import ConfigError
 from .lifecycle import LIFETIME, ProcessLifetime, StartupError
 from .module import DivergenceError
+from .fileio import make_shareable
 
 log = logging.getLogger("sharpbench")
 
@@ -105,6 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            make_shareable(fd)  # mkstemp's 0600 -> 0666 & ~umask, like open()
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

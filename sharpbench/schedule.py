@@ -1,9 +1,12 @@
 """Learning-rate schedules as a per-step multiplier of the base learning rate.
 
 The multiplier is a pure function of the global step, so a resumed run continues on exactly the
-same curve. Epoch milestones are converted with the number of optimizer steps per epoch:
+same curve. Milestones are points in the run, converted to optimizer steps:
 
-- ``multistep``: ``gamma ** (#milestones <= epoch)`` (the paper's ×0.1 at epochs 50 and 75),
+- ``multistep``: ``gamma ** (#milestones passed)`` (the paper's ×0.1 at epochs 50 and 75 of 80).
+  A milestone ``m < 1`` is a fraction of ``max_epochs`` (``0.625`` and ``0.9375`` are the paper's
+  50 and 75 of 80, and still mean 62.5% and 93.75% of a 2-epoch smoke run); ``m >= 1`` is an epoch
+  number. Milestone ``m`` (in epochs) takes effect from step ``ceil(m · steps_per_epoch)``.
 - ``cosine``:    ``min_ratio + (1 - min_ratio)·(1 + cos(π·t))/2``, ``t`` = progress after warm-up,
 - ``constant``:  1,
 
@@ -29,9 +32,9 @@ def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, cfg: Mapping[str
     warmup_steps = int(round(float(cfg.get("warmup_epochs", 0) or 0) * steps_per_epoch))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    epoch = step // steps_per_epoch
     if name == "multistep":
-        passed = sum(1 for m in cfg.get("milestones", ()) if epoch >= m)
+        passed = sum(1 for m in milestone_epochs(cfg.get("milestones", ()), epochs)
+                     if step >= math.ceil(m * steps_per_epoch - 1e-9))
         return float(cfg.get("gamma", 0.1)) ** passed
     if name == "cosine":
         total = max(1, epochs * steps_per_epoch - warmup_steps)
@@ -43,6 +46,11 @@ def lr_multiplier(step: int, steps_per_epoch: int, epochs: int, cfg: Mapping[str
     raise ScheduleConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def milestone_epochs(milestones, epochs: int) -> list[float]:
+    """Milestones in epochs: ``m < 1`` is a fraction of ``epochs`` (``m·epochs``), else ``m`` itself."""
+    return [float(m) * epochs if float(m) < 1 else float(m) for m in milestones]
+
+
 def check_schedule(cfg: Mapping[str, Any], epochs: int) -> None:
     """Reject a schedule that cannot do what it says for a run of ``epochs`` epochs."""
     name = cfg.get("name")
@@ -50,13 +58,24 @@ def check_schedule(cfg: Mapping[str, Any], epochs: int) -> None:
         raise ScheduleConfigError(
             f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)} (e.g. schedule=cosine)")
     if name == "multistep":
-        late = [m for m in cfg.get("milestones", ()) if m >= epochs]
+        milestones = list(cfg.get("milestones", ()) or ())
+        bad = [m for m in milestones if isinstance(m, bool) or not isinstance(m, (int, float))]
+        if bad:
+            raise ScheduleConfigError(
+                f"schedule.milestones={milestones}: every milestone must be a number (an epoch, "
+                "or a fraction of trainer.max_epochs below 1), e.g. schedule.milestones=[0.625,0.9375]")
+        negative = [m for m in milestones if m < 0]
+        if negative:
+            raise ScheduleConfigError(
+                f"schedule milestones {negative} are negative: give epochs (e.g. 50) or fractions "
+                "of trainer.max_epochs (e.g. schedule.milestones=[0.625,0.9375])")
+        late = [m for m, e in zip(milestones, milestone_epochs(milestones, epochs)) if e >= epochs]
         if late:
             raise ScheduleConfigError(
                 f"schedule milestones {late} are not before the last epoch ({epochs} epochs, "
-                f"numbered 0..{epochs - 1}), so they would never apply: lower them "
-                f"(e.g. schedule.milestones=[{int(epochs * 0.625)},{int(epochs * 0.9375)}]) or "
-                "raise trainer.max_epochs")
+                f"numbered 0..{epochs - 1}), so they would never apply. Give them as fractions "
+                "of the run, which fit any trainer.max_epochs (schedule.milestones=[0.625,0.9375] "
+                "is the paper's 50 and 75 of 80), lower them, or raise trainer.max_epochs")
     warmup = float(cfg.get("warmup_epochs", 0) or 0)
     if warmup < 0 or warmup >= epochs:
         raise ScheduleConfigError(

@@ -236,7 +236,7 @@ DATASET = {
 SCHEDULE = {
     "name": Key("multistep | cosine | constant", "learning-rate schedule (a multiplier of optimizer.lr)"),
     "warmup_epochs": Key("float >= 0", "linear warm-up from lr/steps to lr over this many epochs (before the schedule)"),
-    "milestones": Key("list[float >= 0]", "epochs at which lr is multiplied by gamma", options=("multistep",)),
+    "milestones": Key("list[float >= 0]", "when lr is multiplied by gamma: epochs (1 or more) or fractions of trainer.max_epochs (below 1)", options=("multistep",)),
     "gamma": Key("float in (0, 1]", "factor applied to lr at each milestone", options=("multistep",)),
     "min_lr_ratio": Key("float in [0, 1]", "final lr as a fraction of lr", options=("cosine",)),
 }

@@ -21,18 +21,22 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, compose_guard, lifecycle
+from . import checks, compose_guard, console, lifecycle
 from .data import CIFARDataModule
 from .ddp_launch import sweep_job_scope
+from .export import export_model
 from .gpu_pool import pin_gpu_for_this_process
 from .models import build_model
 from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
 from .record import RunTimer, build_record, config_hash
 from .run_identity import identity, settle
-from .run_logging import EvalProgressBar, finish_loggers, log_hyperparameters
+from .run_logging import finish_loggers, log_hyperparameters
 from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
 from .sharpness.monitor import build_monitor
+from .sweep_dirs import register_resolver
+
+register_resolver()  # ${sharpbench_job_dir:...}: sweep job folder names (conf/train.yaml)
 
 log = logging.getLogger("sharpbench")
 
@@ -50,7 +54,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
     t = cfg.trainer
     last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None,
                           identity=ident)
-    bar = [EvalProgressBar()] if t.get("enable_progress_bar", True) else []
+    bar = [console.progress_bar()] if t.get("enable_progress_bar", True) else []
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         num_nodes=t.get("num_nodes", 1),
@@ -101,8 +105,8 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     data.setup("fit")
     checks.check_data(cfg, data)
 
-    model = build_model(cfg.model.name, num_classes=data.num_classes,
-                        **{k: v for k, v in cfg.model.items() if k != "name"})
+    model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": data.num_classes}
+    model = build_model(**model_cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = SharpnessModule(
@@ -114,8 +118,11 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         class_counts=data.train_class_counts,
         fisher_batch_size=int(cfg.optimizer.get("fisher_batch_size") or 64),
         sync_perturbation=bool(cfg.trainer.get("sync_perturbation", False)),
-        compile=bool(cfg.trainer.get("compile", False)))
+        compile=bool(cfg.trainer.get("compile", False)),
+        model_cfg=model_cfg, run_config=ident)  # saved in checkpoints: load_from_checkpoint works
 
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        console.announce_start(cfg, data, model, run_dir, on_gpu=cuda, precision=precision)
     timer = RunTimer()
     trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io())
     log_hyperparameters(trainer.loggers, ident)
@@ -140,8 +147,10 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     record.update(group_accuracy(module, data))
     lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:
+        if status == "completed":
+            export_model(module.model, run_dir)  # model.pt: bare weights for build_model(...)
         lifecycle.write_record(run_dir, record)
-        print(one_line_summary(record, run_dir))
+        log.info("%s", one_line_summary(record, run_dir))  # console and train.log
     finish_loggers(trainer.loggers, record, ident)
     return record
 
@@ -192,6 +201,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.types import RunMode
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     LIFETIME.install().enter("startup")  # kept until the process exits
+    console.quiet_libraries()  # Lightning's banners and library warnings: train.log only
     run_dir = run_dir_of_hydra()
     sweep = cfg.get("sweep") or {}
     if multirun:  # local_parallel: this worker's GPU from sweep.gpu_pool, before CUDA starts
@@ -219,8 +229,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
             sys.exit(1)
     except checks.config_errors() as err:
         LIFETIME.enter("finish")
-        log.error("invalid configuration: %s", err)
-        write_failure(cfg, run_dir, "invalid_config", str(err))
+        status = checks.failure_status(err)
+        log.error("%s: %s", status.replace("_", " "), err)
+        write_failure(cfg, run_dir, status, str(err))
         if not multirun:
             sys.exit(2)
     except lifecycle.StartupError as err:  # an unusable folder or checkpoint, said plainly

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from sharpbench.fileio import make_shareable
+
 CACHE_VERSION = 1
 CACHE_DIRNAME = ".sharpbench_cache"
 
@@ -56,6 +58,7 @@ def write_cache(path: Path, fingerprint: dict, payload: Payload) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        make_shareable(fd)  # mkstemp's 0600 -> 0666 & ~umask, like open()
         with os.fdopen(fd, "wb") as handle:
             torch.save(record, handle)
         os.replace(tmp_name, path)

@@ -3,13 +3,22 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+CONSTRAINTS ?= requirements/constraints.txt
+# PyTorch's CPU-only wheels (Linux/Windows; PyPI's Linux torch pulls the CUDA libraries, ~6 GB)
+CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test test-slow train smoke table1 table1-full table1-smoke report clean
+.PHONY: install install-cpu test test-slow train eval smoke table1 table1-full table1-smoke report clean
 
-install:  ## create .venv and install sharpbench (editable) with its dev extras
+install:  ## create .venv; install sharpbench (editable, dev extras) at the verified versions
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -c $(CONSTRAINTS) -e ".[dev]"
+
+install-cpu:  ## the same without the CUDA libraries: torch/torchvision from PyTorch's CPU index
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -c $(CONSTRAINTS) --index-url $(CPU_INDEX) torch torchvision
+	$(BIN)/pip install -c $(CONSTRAINTS) -e ".[dev]"
 
 test:  ## the default test suite (CPU, minutes)
 	$(BIN)/python -m pytest -q
@@ -18,7 +27,10 @@ test-slow:  ## the slow tests (real data, longer training)
 	$(BIN)/python -m pytest -q -m slow
 
 train:  ## one training run: make train ARGS="optimizer=sam dataset=cifar10"
-	$(BIN)/python -m sharpbench.train $(ARGS)
+	$(BIN)/sharpbench train $(ARGS)
+
+eval:  ## evaluate a trained run: make eval RUN=outputs/runs/<run>
+	$(BIN)/sharpbench eval ckpt=$(RUN) $(ARGS)
 
 smoke:  ## a complete tiny run on synthetic data, CPU, well under a minute
 	$(BIN)/python -m sharpbench.train experiment=smoke optimizer=sam $(ARGS)

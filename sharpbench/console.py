@@ -67,7 +67,7 @@ def quiet_libraries() -> None:
 def start_line(cfg: Any, data: Any, run_dir: Path, device: str, precision: str) -> str:
     precision = {"32": "fp32", "32-true": "fp32"}.get(str(precision), str(precision))
     return (f"[sharpbench] training {cfg.optimizer.name} on {cfg.dataset.name}/{cfg.model.name} "
-            f"seed {cfg.seed}: {cfg.trainer.max_epochs} epochs, {len(data.train_y):,} training "
+            f"seed {cfg.seed}: {cfg.trainer.max_epochs} epoch{'s' if int(cfg.trainer.max_epochs) != 1 else ''}, {len(data.train_y):,} training "
             f"images, batch {cfg.dataset.batch_size}, {device} {precision} -> {run_dir}")
 
 

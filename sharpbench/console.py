@@ -71,19 +71,18 @@ def start_line(cfg: Any, data: Any, run_dir: Path, device: str, precision: str) 
             f"images, batch {cfg.dataset.batch_size}, {device} {precision} -> {run_dir}")
 
 
-def seconds_per_image(model: nn.Module, num_classes: int, probe_batch: int = 16) -> float:
-    """Measured seconds of one training forward/backward per image on the CPU (the faster of two
-    timed passes on random CIFAR-shaped data, on a copy of the model: the run is untouched)."""
+def seconds_per_image(model: nn.Module, num_classes: int, probe_batch: int = 32) -> float:
+    """Measured seconds of one training forward/backward per image on the CPU: one timed pass of
+    ``probe_batch`` random CIFAR-shaped images after a 2-image warm-up, on a copy of the model
+    (the run's weights, BatchNorm statistics and RNG streams are untouched)."""
     net = copy.deepcopy(model).cpu().train()
     gen = torch.Generator().manual_seed(0)  # no draw from the global RNG streams
     x = torch.randn(probe_batch, 3, 32, 32, generator=gen)
     y = torch.randint(num_classes, (probe_batch,), generator=gen)
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        F.cross_entropy(net(x), y).backward()
-        best = min(best, time.perf_counter() - t0)
-    return best / probe_batch
+    F.cross_entropy(net(x[:2]), y[:2]).backward()  # first-call costs (allocations, kernels)
+    t0 = time.perf_counter()
+    F.cross_entropy(net(x), y).backward()
+    return (time.perf_counter() - t0) / probe_batch
 
 
 def cpu_estimate_s(s_per_image: float, *, train_images: int, eval_images: int, epochs: int,
@@ -132,7 +131,7 @@ def announce_start(cfg: Any, data: Any, model: nn.Module, run_dir: Path, *, on_g
     train_images = len(data.train_y)
     if epochs * train_images * passes < MIN_IMAGE_PASSES_TO_TIME:
         return None
-    s_img = seconds_per_image(model, data.num_classes)
+    s_img = seconds_per_image(model, data.num_classes, probe_batch=min(32, int(cfg.dataset.batch_size)))
     eval_images = _eval_images(data)
     estimate = cpu_estimate_s(s_img, train_images=train_images, eval_images=eval_images,
                               epochs=epochs, passes_per_step=passes)

@@ -96,7 +96,7 @@ def test_long_cpu_run_warns_once_with_the_estimate(monkeypatch, caplog):
                             "model": {"name": "resnet18"}, "trainer": {"max_epochs": 80}})
     splits = SimpleNamespace(test_y=torch.zeros(10_000), has_val=False)
     data = SimpleNamespace(train_y=torch.zeros(50_000), num_classes=10, splits=splits)
-    monkeypatch.setattr(console, "seconds_per_image", lambda model, n: 0.01)
+    monkeypatch.setattr(console, "seconds_per_image", lambda model, n, probe_batch: 0.01)
     with caplog.at_level("INFO", logger="sharpbench"):
         estimate = console.announce_start(cfg, data, torch.nn.Linear(1, 1), Path("/runs/x"),
                                           on_gpu=False, precision="32")

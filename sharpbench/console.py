@@ -6,8 +6,8 @@
   and every error.
 - :func:`announce_start`: the start line (what runs, where it writes) and, on a machine where the
   run trains on the CPU, a one-line warning when the measured estimate says it will take long.
-- :func:`progress_bar`: Lightning's bar, with ``s/it`` instead of ``0.40it/s`` for slow steps
-  next to the elapsed time and the ETA.
+- :func:`progress_bar`: Lightning's tqdm bar, with ``s/it`` instead of ``0.40it/s`` for slow
+  steps next to the elapsed time and the ETA.
 """
 from __future__ import annotations
 
@@ -159,43 +159,29 @@ def rate_text(speed: float | None) -> str:
     return f"{speed:.2f}it/s" if speed >= 1.0 else f"{1.0 / speed:.2f}s/it"
 
 
+# tqdm's ``rate_fmt`` switches to s/it below 1 it/s; Lightning's format uses ``rate_noinv_fmt``,
+# which shows "0.40it/s" for a 2.5-second step. ``remaining`` is the ETA of the bar.
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
 def progress_bar():
-    """Lightning's progress bar (Rich when installed, else tqdm) showing ``s/it`` for slow steps."""
-    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
-    if _RICH_AVAILABLE:
-        return _rich_bar()
+    """Lightning's tqdm progress bar showing ``s/it`` for slow steps, with elapsed time and ETA."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    class SlowStepTQDMBar(TQDMProgressBar):
-        """tqdm's ``rate_fmt`` switches to s/it below 1 it/s (Lightning's format does not)."""
-        FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-
+    class SlowStepProgressBar(TQDMProgressBar):
         def init_train_tqdm(self):
             bar = super().init_train_tqdm()
-            bar.bar_format = self.FORMAT
+            bar.bar_format = BAR_FORMAT
             return bar
 
         def init_validation_tqdm(self):
             bar = super().init_validation_tqdm()
-            bar.bar_format = self.FORMAT
+            bar.bar_format = BAR_FORMAT
             return bar
 
-    return SlowStepTQDMBar()
+        def init_test_tqdm(self):
+            bar = super().init_test_tqdm()
+            bar.bar_format = BAR_FORMAT
+            return bar
 
-
-def _rich_bar():
-    from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
-    from rich.text import Text
-
-    class SpeedColumn(ProcessingSpeedColumn):
-        def render(self, task) -> Text:
-            return Text(rate_text(task.speed), style=self.style)
-
-    class SlowStepRichBar(RichProgressBar):
-        def configure_columns(self, trainer) -> list:
-            columns = super().configure_columns(trainer)
-            return [SpeedColumn(style=self.theme.processing_speed)
-                    if isinstance(c, ProcessingSpeedColumn) else c for c in columns]
-
-    return SlowStepRichBar()
+    return SlowStepProgressBar()

@@ -60,7 +60,8 @@ class SharpnessModule(L.LightningModule):
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if optimizer_cfg is None or schedule_cfg is None:
             raise TypeError("SharpnessModule needs optimizer_cfg and schedule_cfg")
-        self.save_hyperparameters(ignore=["model", "class_counts"])
+        # In the checkpoint only; what the loggers get is the run's config (sent by train.py).
+        self.save_hyperparameters(ignore=["model", "class_counts"], logger=False)
         if model is None:
             if model_cfg is None:
                 raise ValueError("SharpnessModule needs a model, or model_cfg to build one "

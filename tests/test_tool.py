@@ -81,13 +81,15 @@ def test_console_has_one_start_line_no_library_noise_and_train_log_holds_the_run
     assert "GPU available" in log  # library information is kept, in the log file only
 
 
-def test_progress_bar_shows_seconds_per_step_for_slow_steps():
+def test_progress_bar_shows_seconds_per_step_and_eta_for_slow_steps():
+    from tqdm import tqdm
     assert console.rate_text(0.4) == "2.50s/it" and console.rate_text(12.345) == "12.35it/s"
+    # 3 of 10 steps done in 7.5 s: 2.5 s per step, 17.5 s left
+    line = tqdm.format_meter(3, 10, 7.5, bar_format=console.BAR_FORMAT, ncols=100)
+    assert "2.50s/it" in line and "00:07<00:17" in line
     bar = console.progress_bar()
-    columns = bar.configure_columns(trainer=None)
-    rendered = [str(c.render(SimpleNamespace(speed=0.25))) for c in columns
-                if type(c).__name__ == "SpeedColumn"]
-    assert rendered == ["4.00s/it"]
+    bar._trainer = SimpleNamespace(num_sanity_val_steps=0, state=SimpleNamespace(fn="fit"))
+    assert bar.init_train_tqdm().bar_format == console.BAR_FORMAT
 
 
 def test_long_cpu_run_warns_once_with_the_estimate(monkeypatch, caplog):

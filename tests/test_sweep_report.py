@@ -25,7 +25,9 @@ RECIPE = {"seed": 0, "label_smoothing": 0.1, "model": {"name": "resnet18"},
           "trainer": {"max_epochs": 80}}
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+# PYTHONPATH: subprocesses started outside the checkout import this checkout's sharpbench
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline",
+           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 TINY = ["experiment=smoke", "trainer.max_epochs=1", "dataset.train_subset=256",
         "dataset.test_subset=128", "trainer.enable_progress_bar=false"]
 
@@ -307,7 +309,9 @@ def test_ddp_job_children_run_only_their_own_job(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     assert log.count("Launching 2 jobs") == 1
-    assert log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
+    # Lightning's "Initializing distributed" lines go to the jobs' log files, not the console
+    job_logs = "".join(p.read_text() for p in (tmp_path / "ddp").glob("*/*.log"))
+    assert job_logs.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
     records = metrics_files(tmp_path / "ddp")
     assert sorted(r["seed"] for r in records.values()) == [0, 1]
     assert all(r["status"] == "completed" for r in records.values())

@@ -165,10 +165,11 @@ BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fm
 
 
 def progress_bar():
-    """Lightning's tqdm progress bar showing ``s/it`` for slow steps, with elapsed time and ETA."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
+    """The run's tqdm progress bar (evaluation named after its splits, ``run_logging``) showing
+    ``s/it`` for slow steps, with elapsed time and ETA."""
+    from .run_logging import EvalProgressBar
 
-    class SlowStepProgressBar(TQDMProgressBar):
+    class SlowStepProgressBar(EvalProgressBar):
         def init_train_tqdm(self):
             bar = super().init_train_tqdm()
             bar.bar_format = BAR_FORMAT

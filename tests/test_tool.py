@@ -131,7 +131,7 @@ def test_files_a_run_writes_are_readable_like_hydras(run):
 
 @pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writers_respect_the_umask(tmp_path, umask, expected):
-    from sharpbench.report import save_atomically
+    from sharpbench.curves import save
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,11 +141,11 @@ def test_atomic_writers_respect_the_umask(tmp_path, umask, expected):
         write_cache(tmp_path / "cache" / "c.pt", {"k": 1}, {"x": torch.zeros(1), "y": torch.zeros(1),
                                                             "class_names": []})
         fig = plt.figure()
-        save_atomically(fig, tmp_path / "f.png")
+        save(fig, tmp_path / "f")  # f.png and f.pdf
         plt.close(fig)
     finally:
         os.umask(old)
-    for name in ("a.json", "cache/c.pt", "f.png"):
+    for name in ("a.json", "cache/c.pt", "f.png", "f.pdf"):
         assert mode(tmp_path / name) == expected, name
 
 

@@ -10,6 +10,7 @@ if __name__ == "__main__":  # one signal handler for the whole process, from bef
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path

@@ -1,7 +1,8 @@
 """A small CPU sweep of HATAM's beta_c and gamma (the seed gives neither).
 
 Trains the tiny CNN (sharpbench.models.TinyCNN, ~5.5k parameters) with HATAM on a CIFAR-10
-subset (the JPEG archive in ../shared/datasets; synthetic data if it is missing) for every
+subset (a CIFAR-10 JPEG archive, train/<class>/*.jpg and test/<class>/*.jpg in a .tar.xz,
+given by $SHARPBENCH_CIFAR10_JPEG; synthetic data if it is missing) for every
 beta_c × gamma on the grid, a few seeds each, and prints final test accuracy / loss. gamma = 0 is
 AdamW exactly. Small and CPU-only: it can rank settings only coarsely.
 
@@ -12,6 +13,7 @@ AdamW exactly. Small and CPU-only: it can rank settings only coarsely.
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import itertools
 import statistics
@@ -29,7 +31,7 @@ from sharpbench.models import TinyCNN
 from sharpbench.optim import HATAM
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg.tar.xz"
+ARCHIVE = Path(os.environ.get("SHARPBENCH_CIFAR10_JPEG", "cifar10-jpeg.tar.xz"))
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 

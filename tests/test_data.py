@@ -43,7 +43,9 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.cifar_fixtures import CIFAR10_CLASSES, write_cifar_python, write_image_folder
 
-JPEG_ARCHIVE = Path("/work/shared/datasets/cifar10-jpeg.tar.xz")
+# A CIFAR-10 copy stored as train/<class>/*.jpg and test/<class>/*.jpg in a .tar.xz, for the slow
+# real-data test: SHARPBENCH_CIFAR10_JPEG=/path/to/cifar10-jpeg.tar.xz make test-slow
+JPEG_ARCHIVE = Path(os.environ.get("SHARPBENCH_CIFAR10_JPEG", "cifar10-jpeg.tar.xz"))
 
 
 # ----------------------------------------------------------------------------- python archives

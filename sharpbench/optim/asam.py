@@ -39,15 +39,28 @@ class ASAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:
-        params, scales, rhos = [], [], []
+        # Per parameter group, a fixed number of foreach ops (T, T·g, T²·g) for all its tensors.
+        params, t_g, scales, rhos = [], [], [], []
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                rhos.append(group["rho"])
-                scales.append(p.abs().add_(group["eta"]) if group["adaptive"] else None)
-        t_g = [g if t is None else t * g for g, t in zip((p.grad for p in params), scales)]
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
+            if group["adaptive"]:
+                t = torch._foreach_abs(ps)
+                torch._foreach_add_(t, group["eta"])
+                t_g.extend(torch._foreach_mul(t, grads))
+                scales.append(t)
+            else:
+                t_g.extend(grads)
+                scales.append(None)
+            params.append(ps)
+            rhos.append(group["rho"])
         inv_norm = 1.0 / (global_grad_norm(t_g, 2.0) + 1e-12)
-        return {p: (tg if t is None else t * tg) * (inv_norm * r)
-                for p, tg, t, r in zip(params, t_g, scales, rhos)}
+        eps, start = {}, 0
+        for ps, t, r in zip(params, scales, rhos):
+            tg = t_g[start:start + len(ps)]
+            start += len(ps)
+            e = tg if t is None else torch._foreach_mul(t, tg)
+            eps.update(zip(ps, torch._foreach_mul(e, inv_norm * r)))
+        return eps

@@ -108,14 +108,24 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @torch.no_grad()
     def perturb(self, eps: dict[Tensor, Tensor]) -> None:
-        """Save ``w`` and move to ``w + e``."""
-        for p, e in eps.items():
+        """Save ``w`` and move to ``w + e`` (two ``torch._foreach_*`` calls for all tensors)."""
+        params, deltas = list(eps), list(eps.values())
+        if not params:
+            self._perturbed = []
+            return
+        torch._foreach_copy_(self.saved_buffers(params), params)
+        torch._foreach_add_(params, deltas)
+        self._perturbed = params
+
+    def saved_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """The buffers that hold ``w`` while it is perturbed (allocated once per parameter)."""
+        out = []
+        for p in params:
             saved = self._saved.get(p)
-            if saved is None or saved.shape != p.shape:
+            if saved is None or saved.shape != p.shape or saved.dtype != p.dtype:
                 saved = self._saved[p] = torch.empty_like(p)
-            saved.copy_(p)
-            p.add_(e)
-        self._perturbed = list(eps)
+            out.append(saved)
+        return out
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -128,9 +138,10 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put back the weights saved by :meth:`perturb` (bit-exact)."""
-        for p in getattr(self, "_perturbed", ()):
-            p.copy_(self._saved[p])
+        """Put back the weights saved by :meth:`perturb` (bit-exact, one ``_foreach_copy_``)."""
+        params = getattr(self, "_perturbed", [])
+        if params:
+            torch._foreach_copy_(params, [self._saved[p] for p in params])
         self._perturbed = []
 
     @torch.no_grad()
@@ -239,14 +250,71 @@ def require_closure(closure: Closure | None, name: str) -> Closure:
     return closure
 
 
+class FlatBuffer:
+    """One contiguous buffer with a view per tensor of ``like`` (same shapes, order, dtype):
+    copying a list of tensors in is one ``_foreach_copy_``, and a reduction over all of them
+    (a dot product, a sum) is one op on ``.flat``."""
+
+    def __init__(self, like: list[Tensor]):
+        self.shapes = [t.shape for t in like]
+        self.flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype,
+                                device=like[0].device)
+        self.views = [v.view(shape) for v, shape in
+                      zip(self.flat.split([t.numel() for t in like]), self.shapes)]
+
+    @staticmethod
+    def fits(like: list[Tensor]) -> bool:
+        """Whether one buffer can hold them (one dtype, one device)."""
+        return bool(like) and all(t.dtype == like[0].dtype and t.device == like[0].device
+                                  for t in like)
+
+    def matches(self, like: list[Tensor]) -> bool:
+        return (len(like) == len(self.shapes) and self.flat.dtype == like[0].dtype
+                and self.flat.device == like[0].device
+                and all(t.shape == s for t, s in zip(like, self.shapes)))
+
+    def load(self, tensors: list[Tensor]) -> "FlatBuffer":
+        torch._foreach_copy_(self.views, tensors)
+        return self
+
+
+def flat_buffer(cache: dict, key: str, like: list[Tensor]) -> FlatBuffer:
+    """The ``FlatBuffer`` cached under ``key`` if it fits ``like``, else a new one."""
+    buf = cache.get(key)
+    if buf is None or not buf.matches(like):
+        buf = cache[key] = FlatBuffer(like)
+    return buf
+
+
 def global_grad_norm(grads: list[Tensor], ord: float = 2.0) -> Tensor:
-    """``||g||_ord`` over all tensors together (on the gradients' device, no host sync)."""
+    """``||g||_ord`` over all tensors together: the norm of the per-tensor norms (one
+    ``torch._foreach_norm`` and one reduction, whatever the number of tensors; on the gradients'
+    device, no host sync)."""
     if not grads:
         raise ValueError("no parameter has a gradient: did the closure call backward()?")
-    if ord == float("inf"):
-        return torch.stack([g.detach().abs().max() for g in grads]).max()
-    per_tensor = torch.stack([torch.linalg.vector_norm(g.detach(), ord) for g in grads])
-    return torch.linalg.vector_norm(per_tensor, ord)
+    with torch.no_grad():
+        per_tensor = torch.stack(torch._foreach_norm(grads, ord))
+        return torch.linalg.vector_norm(per_tensor, ord)
+
+
+def scaled(tensors: list[Tensor], factor: Tensor | None, per_tensor: list[float]) -> list[Tensor]:
+    """``[t · (factor · c_i)]`` for a 0-d tensor ``factor`` (``None``: 1) and python scalars
+    ``c_i`` (a group's ``rho``): one ``torch._foreach_mul`` per distinct ``c`` (per parameter
+    group, in practice), no host sync."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    for c, idx in group_indices(per_tensor).items():
+        by = c if factor is None else factor * c
+        for i, t in zip(idx, torch._foreach_mul([tensors[i] for i in idx], by)):
+            out[i] = t
+    return out
+
+
+def group_indices(keys: list) -> dict:
+    """``{key: [positions]}`` in first-seen order (to call one foreach op per distinct key)."""
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return groups
 
 
 def check_positive(name: str, value: float) -> None:

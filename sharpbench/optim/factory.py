@@ -22,7 +22,12 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 # Fields that configure the base optimizer; each is passed only to bases that accept it.
 BASE_FIELDS = ("lr", "momentum", "nesterov", "dampening", "weight_decay", "betas", "eps",
-               "alpha", "centered", "amsgrad")
+               "alpha", "centered", "amsgrad", "foreach", "fused")
+# The base step's implementation when the config names none: fused kernels (one op for all
+# tensors, step counters on the device, so no host sync) where torch has them, foreach otherwise.
+# torch's own default is a per-tensor loop on CPU and .item() on Adam's step counters.
+FAST_BASE_STEP = {"sgd": {"fused": True}, "adam": {"fused": True}, "adamw": {"fused": True},
+                  "rmsprop": {"foreach": True}}
 # Fields read by the factory or by the driver (not passed to any optimizer constructor).
 FACTORY_FIELDS = ("name", "base", "adaptive_params", "fisher_batch_size", "fisher_estimator",
                   "fisher_bn", "fisher_method", "bn_policy")
@@ -122,6 +127,8 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any],
             f"unknown base optimizer {base!r}; choose one of: {', '.join(BASE_OPTIMIZERS)} "
             "(e.g. optimizer.base=adam)")
     base_cls = BASE_OPTIMIZERS[base]
+    if "foreach" not in base_kwargs and "fused" not in base_kwargs:
+        base_kwargs.update(FAST_BASE_STEP[base])
     if cls is not None:
         # A field the method's constructor names is the method's (X-SAM's alpha is not RMSprop's).
         own = set(inspect.signature(cls.__init__).parameters)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
+from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
 
 
 EMA_ORDERS = ("update_first", "subtract_previous")
@@ -58,31 +58,37 @@ class FriendlySAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:
+        # Per parameter group, a fixed number of foreach ops for all its tensors.
         params, directions, rhos = [], [], []
         for group in self.param_groups:
             lmbda, sigma = group["lmbda"], group["sigma"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.detach()
-                state = self.state[p]
-                if self.ema_order == "subtract_previous":
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            grads = [p.grad for p in ps]
+            if self.ema_order == "subtract_previous":       # the authors' order (per tensor)
+                for p, g in zip(ps, grads):
+                    state = self.state[p]
                     if "ema" not in state:
                         state["ema"] = g.clone()                    # m_0 = g_0, d_0 = g_0
-                        d = g.clone()
+                        directions.append(g.clone())
                     else:
-                        d = g - sigma * state["ema"]                # d_t = g_t - σ·m_{t-1}
+                        directions.append(g - sigma * state["ema"])  # d_t = g_t - σ·m_{t-1}
                         state["ema"].mul_(lmbda).add_(g, alpha=1.0 - lmbda)
-                else:
-                    if "ema" not in state:
-                        state["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    ema = state["ema"]
-                    ema.mul_(lmbda).add_(g, alpha=1.0 - lmbda)      # m_t
-                    d = g - sigma * ema                             # d_t
-                params.append(p)
-                directions.append(d)
-                rhos.append(group["rho"])
+            else:                                           # the paper's: foreach over all tensors
+                emas = [self._ema(p) for p in ps]
+                torch._foreach_mul_(emas, lmbda)                            # m_t
+                torch._foreach_add_(emas, grads, alpha=1.0 - lmbda)
+                directions.extend(torch._foreach_sub(grads, torch._foreach_mul(emas, sigma)))  # d_t
+            params.extend(ps)
+            rhos.extend([group["rho"]] * len(ps))
         if not params:
             raise ValueError("no parameter has a gradient: did the closure call backward()?")
         inv_norm = 1.0 / (global_grad_norm(directions, 2.0) + 1e-12)
-        return {p: d.mul_(inv_norm * r) for p, d, r in zip(params, directions, rhos)}
+        return dict(zip(params, scaled(directions, inv_norm, rhos)))
+
+    def _ema(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "ema" not in state:
+            state["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["ema"]

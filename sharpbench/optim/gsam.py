@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
+from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer,
+                   global_grad_norm, group_indices)
 from .sam import lp_ball_argmax
 
 
@@ -84,6 +85,7 @@ class GSAM(SharpnessAwareOptimizer):
                                  f"{group['lr_max']}, lr_min={group['lr_min']}")
             group["rho_t"] = group["rho"]
         self._grad_at_w: dict[Tensor, Tensor] = {}  # g, kept between the two passes of one step
+        self._buffers: dict = {}  # flat buffers for g and g_p (allocated once)
 
     @staticmethod
     def rho_at(group: dict) -> float:
@@ -101,8 +103,12 @@ class GSAM(SharpnessAwareOptimizer):
             group["rho_t"] = self.rho_at(group)
         params = self.params_with_grad()
         rhos = [g["rho_t"] for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad.detach() for p in params]
-        self._grad_at_w = {p: g.clone() for p, g in zip(params, grads)}
+        grads = [p.grad for p in params]
+        if FlatBuffer.fits(grads):   # g in one flat buffer: the dot product later is one op
+            saved = flat_buffer(self._buffers, "g", grads).load(grads).views
+        else:
+            saved = [g.clone() for g in grads]
+        self._grad_at_w = dict(zip(params, saved))
         if not any(g["adaptive"] for g in self.param_groups):
             return dict(zip(params, lp_ball_argmax(grads, rhos, 2.0)))
         return dict(zip(params, self.adaptive_perturbation(params, grads, rhos)))
@@ -128,12 +134,16 @@ class GSAM(SharpnessAwareOptimizer):
         g_p = [p.grad for p in params]
         g = [saved[p] for p in params]
         norm_p = global_grad_norm(g_p, 2.0) + 1e-12
-        dot = torch.stack([torch.sum(a * b) for a, b in zip(g, g_p)]).sum()
+        g_buf = self._buffers.get("g")
+        if g_buf is not None and len(params) == len(saved) and g_buf.matches(g_p):
+            dot = torch.dot(g_buf.flat, flat_buffer(self._buffers, "g_p", g_p).load(g_p).flat)
+        else:
+            dot = torch.stack([torch.sum(a * b) for a, b in zip(g, g_p)]).sum()
         coef = dot / norm_p ** 2                       # (g·ĝ_p)/||g_p|| = g·g_p / ||g_p||²
+        vertical = torch._foreach_sub(g, torch._foreach_mul(g_p, coef))   # g_⊥
         alphas = {p: group["gsam_alpha"] for group in self.param_groups for p in group["params"]}
-        for p, gw, gp in zip(params, g, g_p):
-            vertical = gw - coef * gp                  # g_⊥
-            gp.add_(vertical, alpha=-alphas[p])
+        for alpha, idx in group_indices([alphas[p] for p in params]).items():
+            torch._foreach_add_([g_p[i] for i in idx], [vertical[i] for i in idx], alpha=-alpha)
 
     def gradient_correction(self) -> None:
         self.apply_gap_correction()

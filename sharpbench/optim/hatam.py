@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .base import group_indices
+
 MODULATORS = ("tensor", "global")
 
 
@@ -103,33 +105,51 @@ class HATAM(Optimizer):
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("HATAM does not support sparse gradients")
             states = [self._init_state(p) for p in params]
-            # The modulator S from the previous step's v (bias-corrected with t-1).
-            hs = []
-            for p, st in zip(params, states):
-                t_prev = st["step"]
-                v_prev = st["exp_avg_sq"]
-                v_corr = v_prev / (1 - beta2 ** t_prev) if t_prev >= 1 else v_prev
-                hs.append(v_corr.sqrt().add_(eps))
-            if group["modulator"] == "global" and hs:
-                total = torch.stack([h.sum() for h in hs]).sum()
-                count = sum(h.numel() for h in hs)
-                means = [total / count] * len(hs)
+            # Tensors at the same step share their bias corrections: one set of foreach ops each
+            # (all of them, after the first step of a freshly built optimizer).
+            by_step = group_indices([st["step"] for st in states])
+            hs: list[Tensor | None] = [None] * len(params)
+            for t_prev, idx in by_step.items():     # the modulator's h from the previous v
+                v_prev = [states[i]["exp_avg_sq"] for i in idx]
+                v_corr = torch._foreach_div(v_prev, 1 - beta2 ** t_prev) if t_prev >= 1 else v_prev
+                h = torch._foreach_sqrt(v_corr)
+                torch._foreach_add_(h, eps)
+                for i, hi in zip(idx, h):
+                    hs[i] = hi
+            if not params:
+                continue
+            sums = torch.stack(torch._foreach_norm(hs, 1))     # h > 0: its l1 norm is its sum
+            if group["modulator"] == "global":
+                mean = sums.sum() / sum(h.numel() for h in hs)
+                s_mod = torch._foreach_div(hs, mean + eps)
             else:
-                means = [h.mean() for h in hs]
-            for p, st, h, mean_h in zip(params, states, hs, means):
-                g = p.grad
-                st["step"] += 1
-                t = st["step"]
-                c = st["curvature"]
-                c.mul_(beta_c).add_(g - st["prev_grad"], alpha=1 - beta_c)
-                g_h = g + gamma * (h / (mean_h + eps)) * c
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.mul_(beta1).add_(g_h, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g_h, g_h, value=1 - beta2)
+                numels = torch.tensor([h.numel() for h in hs], dtype=sums.dtype, device=sums.device)
+                s_mod = torch._foreach_div(hs, list((sums / numels + eps).unbind()))
+            grads = [p.grad for p in params]
+            curv = [st["curvature"] for st in states]
+            prev = [st["prev_grad"] for st in states]
+            torch._foreach_mul_(curv, beta_c)                               # c
+            torch._foreach_add_(curv, torch._foreach_sub(grads, prev), alpha=1 - beta_c)
+            torch._foreach_mul_(s_mod, gamma)
+            torch._foreach_mul_(s_mod, curv)
+            g_h = torch._foreach_add(grads, s_mod)                         # g + γ·S⊙c
+            exp_avg = [st["exp_avg"] for st in states]
+            exp_avg_sq = [st["exp_avg_sq"] for st in states]
+            torch._foreach_mul_(exp_avg, beta1)
+            torch._foreach_add_(exp_avg, g_h, alpha=1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, g_h, g_h, value=1 - beta2)
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            for t_prev, idx in by_step.items():
+                t = t_prev + 1
+                for i in idx:
+                    states[i]["step"] = t
                 bias1 = 1 - beta1 ** t
                 bias2_sqrt = math.sqrt(1 - beta2 ** t)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                denom = (v.sqrt() / bias2_sqrt).add_(eps)
-                p.addcdiv_(m, denom, value=-group["lr"] / bias1)
-                st["prev_grad"].copy_(g)
+                denom = torch._foreach_sqrt([exp_avg_sq[i] for i in idx])
+                torch._foreach_div_(denom, bias2_sqrt)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_([params[i] for i in idx], [exp_avg[i] for i in idx], denom,
+                                        value=-group["lr"] / bias1)
+            torch._foreach_copy_(prev, grads)
         return loss

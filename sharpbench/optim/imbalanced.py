@@ -95,12 +95,27 @@ class ImbSAM(SharpnessAwareOptimizer):
         params, rhos = self.params_and_rhos()
         return dict(zip(params, lp_ball_argmax([p.grad for p in params], rhos, 2.0)))
 
+    def head_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """Buffers that keep ``g_head`` through the tail passes (allocated once per parameter)."""
+        if not hasattr(self, "_head"):
+            self._head: dict[Tensor, Tensor] = {}
+        out = []
+        for p in params:
+            buf = self._head.get(p)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.grad.dtype:
+                buf = self._head[p] = torch.empty_like(p.grad)
+            out.append(buf)
+        return out
+
     @torch.no_grad()
     def step(self, closure=None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
         with torch.enable_grad():
             loss_head = closure("head")
-        g_head = {p: p.grad.detach().clone() for p in self.params_with_grad()}
+        head_params = self.params_with_grad()
+        g_head = self.head_buffers(head_params)
+        if head_params:
+            torch._foreach_copy_(g_head, [p.grad for p in head_params])
         with torch.enable_grad():
             loss_tail = closure("tail")
         self.first_step()
@@ -109,13 +124,14 @@ class ImbSAM(SharpnessAwareOptimizer):
                 closure("tail")
         finally:
             self.restore()
-        if self.tail_weight != 1.0:
-            for p in self.params_with_grad():
-                p.grad.mul_(self.tail_weight)
-        for p, gh in g_head.items():
+        tail = [p.grad for p in self.params_with_grad()]
+        if self.tail_weight != 1.0 and tail:
+            torch._foreach_mul_(tail, self.tail_weight)
+        both = [(p, gh) for p, gh in zip(head_params, g_head) if p.grad is not None]
+        if both:
+            torch._foreach_add_([p.grad for p, _ in both], [gh for _, gh in both])
+        for p, gh in zip(head_params, g_head):
             if p.grad is None:
-                p.grad = gh
-            else:
-                p.grad.add_(gh)
+                p.grad = gh.clone()
         self.base_step()
         return loss_head.detach() + loss_tail.detach()

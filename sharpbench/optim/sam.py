@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
+from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
 
 
 def dual_exponent(p: float) -> float:
@@ -41,11 +41,11 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
     |g_i| (split evenly between ties). ``rho`` is given per tensor; the norm is global.
     """
     q = dual_exponent(p)
-    if q == 2.0:
+    if q == 2.0:   # the default: a fixed number of foreach ops for any number of tensors
         scale = 1.0 / (global_grad_norm(grads, 2.0) + 1e-12)
-        return [g * (scale * r) for g, r in zip(grads, rho)]
+        return scaled(grads, scale, rho)
     if q == 1.0:
-        return [torch.sign(g) * r for g, r in zip(grads, rho)]
+        return scaled(torch._foreach_sign(grads), None, rho)
     g_max = global_grad_norm(grads, math.inf)
     if q == math.inf:
         hits = [(g.abs() == g_max).to(g.dtype) for g in grads]

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, require_closure
+from .base import (SharpnessAwareOptimizer, check_positive, global_grad_norm, require_closure,
+                   scaled)
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -167,23 +168,26 @@ class SparseSAM(SharpnessAwareOptimizer):
 
     @torch.no_grad()
     def masked_perturbation(self) -> dict[Tensor, Tensor]:
-        """``rho·(m ⊙ g)/||m ⊙ g||`` (or ``/||g||`` with ``perturbation_norm='full'``)."""
-        params, grads, masked, rhos = [], [], [], []
+        """``rho·(m ⊙ g)/||m ⊙ g||`` (or ``/||g||`` with ``perturbation_norm='full'``); a fixed
+        number of foreach ops for all tensors once every parameter has its mask."""
+        params, masks, rhos = [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                mask = self.state[p].get("mask")
-                g = p.grad.detach()
                 params.append(p)
-                grads.append(g)
-                masked.append(g * mask if mask is not None else g.clone())
+                masks.append(self.state[p].get("mask"))
                 rhos.append(group["rho"])
         if not params:
             raise ValueError("no parameter has a gradient: did the closure call backward()?")
+        grads = [p.grad for p in params]
+        if all(m is not None for m in masks):
+            masked = torch._foreach_mul(grads, masks)
+        else:
+            masked = [g * m if m is not None else g.clone() for g, m in zip(grads, masks)]
         norm_of = masked if self.perturbation_norm == "masked" else grads
         inv_norm = 1.0 / (global_grad_norm(norm_of, 2.0) + 1e-12)
-        return {p: mg.mul_(inv_norm * r) for p, mg, r in zip(params, masked, rhos)}
+        return dict(zip(params, scaled(masked, inv_norm, rhos)))
 
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:

@@ -13,7 +13,7 @@
 
 Where each sync came from (the innermost frame outside torch) is kept in ``sync_sites``, so a
 test failure names the line. ``paused()`` stops counting inside a block (the forward/backward
-passes, when only an optimizer's own work is wanted).
+passes, when only an optimizer's own work is wanted); host syncs are counted throughout.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class DispatchCounts:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Do not count inside the block (nested pauses are fine)."""
+        """Do not count ops inside the block (syncs still count; nested pauses are fine)."""
         before, self.counting = self.counting, False
         try:
             yield
@@ -71,8 +71,8 @@ class _Counter(TorchDispatchMode):
         if counts.counting:
             counts.ops += 1
             counts.by_op[func.overloadpacket.__name__] += 1
-            if func is _SCALAR_READ:
-                counts.record_sync("scalar read")
+        if func is _SCALAR_READ:
+            counts.record_sync("scalar read")
         return func(*args, **(kwargs or {}))
 
 
@@ -84,8 +84,7 @@ def count_dispatch() -> Iterator[DispatchCounts]:
 
     def wrap(name, original):
         def read(self, *args, **kwargs):
-            if counts.counting:
-                counts.record_sync(f".{name}()")
+            counts.record_sync(f".{name}()")
             return original(self, *args, **kwargs)
         read.__name__ = name
         return read
@@ -98,3 +97,31 @@ def count_dispatch() -> Iterator[DispatchCounts]:
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class StepCounter:
+    """Counts ops and syncs per training step of a Lightning run, everything between the start of
+    one batch and the start of the next (the training step, the optimizer, logging, the loader
+    fetching the next batch): the driver path the trainer actually runs.
+
+    Use as a Lightning callback; ``steps`` is then a list of ``DispatchCounts``, one per batch."""
+
+    def __init__(self):
+        self.steps: list[DispatchCounts] = []
+        self._active = None
+
+    def _close(self) -> None:
+        if self._active is not None:
+            self._active.__exit__(None, None, None)
+            self._active = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._close()
+        self._active = count_dispatch()
+        self.steps.append(self._active.__enter__())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close()

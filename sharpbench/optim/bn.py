@@ -23,10 +23,12 @@ uses in eval mode. Policies:
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 BN_POLICIES = ("first_pass", "both_passes", "momentum_zero")
@@ -38,16 +40,43 @@ def _tracking_layers(model: nn.Module) -> list[_BatchNorm]:
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Inside the block, BatchNorm layers in train mode normalise with the batch statistics but do
-    not update ``running_mean``/``running_var``/``num_batches_tracked``."""
-    layers = _tracking_layers(model)
-    for m in layers:
-        m.track_running_stats = False
+    """Inside the block, BatchNorm layers in train mode normalise with the batch statistics and
+    their ``running_mean``/``running_var``/``num_batches_tracked`` end up unchanged: they are
+    copied aside before the block and copied back after it (bit-exact, two ``_foreach_copy_``).
+
+    No module attribute changes (the older way, switching ``track_running_stats`` off, changed one
+    that ``torch.compile`` guards on, so a compiled model recompiled for the second pass)."""
+    buffers, saved = _bn_snapshot(model)
+    if not buffers:
+        yield
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(saved, buffers)
     try:
         yield
     finally:
-        for m in layers:
-            m.track_running_stats = True
+        with torch.no_grad():
+            # Through ``.data`` aliases: a graph built inside the block (a loss kept for
+            # Hessian-vector products) saved these buffers, and a tracked in-place write would
+            # invalidate it. Training-mode BatchNorm's backward does not read their values.
+            torch._foreach_copy_(buffers, saved)
+
+
+_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list, list, list]]" = weakref.WeakKeyDictionary()
+
+
+def _bn_snapshot(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """The running-statistics buffers of ``model``'s BatchNorm layers (as ``.data`` aliases) and
+    same-shaped spares to save them in (allocated once per model, again if the buffers were
+    replaced or moved)."""
+    buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    cached = _SNAPSHOTS.get(model)
+    if (cached is None or len(cached[0]) != len(buffers)
+            or any(a is not b for a, b in zip(cached[0], buffers))):
+        cached = _SNAPSHOTS[model] = (buffers, [b.data for b in buffers],
+                                      [torch.empty_like(b) for b in buffers])
+    return cached[1], cached[2]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ MODULATORS = ("tensor", "global")
 
 
 class HATAM(Optimizer):
-    """HATAM, "Heuristic Anisotropic Trajectory-Aware Minimization" (seed 002, METHODS.md): AdamW
+    """HATAM, "Heuristic Anisotropic Trajectory-Aware Minimization" (described in the project's ``docs/methods.md``): AdamW
     fed with a gradient corrected by a smoothed gradient difference, scaled per coordinate by
     Adam's second moment. Exactly one forward/backward per step. Per parameter tensor, step ``t``::
 
@@ -25,14 +25,14 @@ class HATAM(Optimizer):
         w  <- w − lr·( m̂/(sqrt(v̂) + eps) + wd·w ),   m̂ = m/(1 − β1^t),  v̂ = v/(1 − β2^t)
         g_prev = g
 
-    Exactly the seed's pseudocode, including its start: ``m = v = c = g_prev = 0``, so at ``t = 1``
+    Exactly the method's pseudocode, including its start: ``m = v = c = g_prev = 0``, so at ``t = 1``
     ``y = g`` and ``h = eps`` everywhere (``S = 1/2``). ``mean(h)`` is over each parameter tensor
     (``modulator="tensor"``, the default) or over all parameters of the group
     together (``modulator="global"``). With ``γ = 0`` this is AdamW exactly (tested against
     ``torch.optim.AdamW``); the weight decay is decoupled, applied as ``w·(1 − lr·wd)`` first,
     which is the same update as the formula above.
 
-    ``beta_c`` and ``gamma`` are not given by the seed; the defaults ``beta_c=0.99, gamma=0.1``
+    ``beta_c`` and ``gamma`` are not given by the method's description; the defaults ``beta_c=0.99, gamma=0.1``
     come from a small, CPU-only sweep (``scripts/hatam_sweep.py``: TinyCNN, 5,000 CIFAR-10
     training images with crop+flip, 5,000 test images, lr 1e-3, wd 1e-2, batch 128, 8 epochs,
     3 seeds; Δ = paired by seed against γ = 0, i.e. AdamW)::
@@ -91,6 +91,15 @@ class HATAM(Optimizer):
             state["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _numels(self, tensors: list[Tensor], like: Tensor) -> Tensor:
+        """Element counts of ``tensors`` as a tensor on ``like``'s device, built once (a fresh
+        host-to-device copy every step would wait for the device)."""
+        cache = self.__dict__.setdefault("_numel_cache", {})
+        key = (like.device, like.dtype, tuple(t.numel() for t in tensors))
+        if key not in cache:
+            cache[key] = torch.tensor(key[2], dtype=like.dtype, device=like.device)
+        return cache[key]
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step; ``closure`` (optional, as for ``torch.optim.AdamW``) is called exactly once."""
@@ -111,28 +120,34 @@ class HATAM(Optimizer):
             hs: list[Tensor | None] = [None] * len(params)
             for t_prev, idx in by_step.items():     # the modulator's h from the previous v
                 v_prev = [states[i]["exp_avg_sq"] for i in idx]
-                v_corr = torch._foreach_div(v_prev, 1 - beta2 ** t_prev) if t_prev >= 1 else v_prev
-                h = torch._foreach_sqrt(v_corr)
+                if t_prev >= 1:
+                    h = torch._foreach_div(v_prev, 1 - beta2 ** t_prev)
+                    torch._foreach_sqrt_(h)
+                else:
+                    h = torch._foreach_sqrt(v_prev)
                 torch._foreach_add_(h, eps)
                 for i, hi in zip(idx, h):
                     hs[i] = hi
             if not params:
                 continue
+            # From here on the h buffers are worked in place: S, then γ·S⊙c, then g_h.
             sums = torch.stack(torch._foreach_norm(hs, 1))     # h > 0: its l1 norm is its sum
             if group["modulator"] == "global":
                 mean = sums.sum() / sum(h.numel() for h in hs)
-                s_mod = torch._foreach_div(hs, mean + eps)
+                torch._foreach_div_(hs, mean + eps)
             else:
-                numels = torch.tensor([h.numel() for h in hs], dtype=sums.dtype, device=sums.device)
-                s_mod = torch._foreach_div(hs, list((sums / numels + eps).unbind()))
+                numels = self._numels(hs, sums)
+                torch._foreach_div_(hs, list((sums / numels + eps).unbind()))
             grads = [p.grad for p in params]
             curv = [st["curvature"] for st in states]
             prev = [st["prev_grad"] for st in states]
-            torch._foreach_mul_(curv, beta_c)                               # c
-            torch._foreach_add_(curv, torch._foreach_sub(grads, prev), alpha=1 - beta_c)
-            torch._foreach_mul_(s_mod, gamma)
-            torch._foreach_mul_(s_mod, curv)
-            g_h = torch._foreach_add(grads, s_mod)                         # g + γ·S⊙c
+            torch._foreach_mul_(curv, beta_c)                  # c += (1-β_c)(g - g_prev), written
+            torch._foreach_sub_(prev, grads)                   # as c -= (1-β_c)(g_prev - g): the
+            torch._foreach_add_(curv, prev, alpha=-(1 - beta_c))  # same bits, no temporary
+            torch._foreach_mul_(hs, gamma)
+            torch._foreach_mul_(hs, curv)
+            torch._foreach_add_(hs, grads)                     # g_h = g + γ·S⊙c
+            g_h = hs
             exp_avg = [st["exp_avg"] for st in states]
             exp_avg_sq = [st["exp_avg_sq"] for st in states]
             torch._foreach_mul_(exp_avg, beta1)

@@ -1,0 +1,705 @@
+"""Speed benchmark of every optimizer: ``python -m sharpbench.bench [key=value ...]``.
+
+One process, interleaved repeats (round r times every method once before round r+1 starts, so
+a slow phase of a shared machine hits them all alike), warm-up excluded, medians with min/max.
+Sections (``sections=optim,driver,pipeline,compile``):
+
+- ``optim``: per method, ms/step and images/s (plain PyTorch loop on one fixed random batch of
+  CIFAR shape: the optimizer's cost, not the data's), the ratio to SGD (to AdamW for HATAM),
+  forward/backward passes and HVPs per step (counted), **ops per step** (aten operators the
+  optimizer dispatches outside the forward/backward passes, ``sharpbench.profiling``) on the
+  chosen model and on an MLP of ``mlp_layers`` small layers (does it grow with the number of
+  parameter tensors?), **host syncs per step** (the whole step), regular steps and amortised
+  refresh steps (mask refresh, eigen-solve) reported apart, and peak memory (CUDA);
+- ``driver``: the Lightning training step (``SharpnessModule``, the path ``sharpbench.train``
+  runs) against a plain loop over the same ``DeviceLoader``, model and optimizer, and the host
+  syncs per step the Lightning path makes;
+- ``pipeline``: the whole sharpbench pipeline (device-resident data, batched augmentation,
+  Lightning) against the conventional loop: torchvision ``DataLoader`` + per-image
+  ``RandomCrop``/``RandomHorizontalFlip``/``ToTensor``/``Normalize``;
+- ``compile``: ``torch.compile`` of the model's forward on and off, step time, and the number of
+  graphs dynamo compiled (recompilation between passes or steps would show here).
+
+Writes ``bench.md`` and ``bench.csv`` (atomically) under ``out``. Options, with defaults::
+
+    model=resnet18 batch=128 device=auto precision=32 channels_last=false compile=false
+    methods=sgd,sam,asam,friendly_sam,ssam_f,ssam_d,imb_sam,gsam,a2sam,xsam,hatam,adamw
+    warmup=2 steps=2 repeats=3 count_steps=12 mlp_layers=200
+    driver_models=tiny_cnn,resnet18 driver_methods=sam driver_steps=4 loader_workers=2
+    compile_methods=sgd,sam compile_model=<model> sections=optim,driver,pipeline,compile
+    out=outputs/bench threads=0
+
+``precision``: 32, bf16-mixed, 16-mixed. On a GPU: ``python -m sharpbench.bench device=cuda
+precision=bf16-mixed channels_last=true compile=true``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "imb_sam", "gsam", "a2sam",
+           "xsam", "hatam", "adamw")
+SECTIONS = ("optim", "driver", "pipeline", "compile")
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DEFAULTS: dict[str, Any] = dict(
+    model="resnet18", batch=128, device="auto", precision="32", channels_last=False,
+    compile=False, methods=",".join(METHODS), warmup=2, steps=2, repeats=3, count_steps=12,
+    mlp_layers=200, driver_models="tiny_cnn,resnet18", driver_methods="sam", driver_steps=4,
+    loader_workers=2, compile_methods="sgd,sam", compile_model="", sections=",".join(SECTIONS),
+    out="outputs/bench", threads=0)
+CONF = Path(__file__).resolve().parent / "conf" / "optimizer"
+TAIL_COUNTS = torch.tensor([5000, 2000, 800, 300, 120, 50, 20, 10, 5, 2])  # ImbSAM's split
+
+
+class BenchConfigError(ValueError):
+    """A bad option; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------- options
+def parse_options(argv: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs over :data:`DEFAULTS` (types follow the defaults)."""
+    opts = dict(DEFAULTS)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep:
+            raise BenchConfigError(f"options are key=value, got {arg!r} (e.g. model=tiny_cnn)")
+        if key not in DEFAULTS:
+            raise BenchConfigError(f"unknown option {key!r}; known: {', '.join(DEFAULTS)}")
+        default = DEFAULTS[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                opts[key] = value.lower() in ("true", "1", "yes")
+            elif isinstance(default, int):
+                opts[key] = int(value)
+            else:
+                opts[key] = value
+        except ValueError:
+            raise BenchConfigError(f"{key}={value!r}: expected {type(default).__name__}") from None
+    if opts["device"] == "auto":
+        opts["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BenchConfigError("device=cuda but no CUDA device is visible; use device=cpu")
+    if opts["precision"] not in PRECISIONS:
+        raise BenchConfigError(f"precision must be one of {list(PRECISIONS)}, got {opts['precision']!r}")
+    for key in ("methods", "driver_methods", "compile_methods"):
+        unknown = [m for m in split(opts[key]) if not (CONF / f"{m}.yaml").is_file()]
+        if unknown:
+            raise BenchConfigError(f"{key}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    unknown = [s for s in split(opts["sections"]) if s not in SECTIONS]
+    if unknown:
+        raise BenchConfigError(f"sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    for key in ("batch", "steps", "repeats", "count_steps", "mlp_layers", "driver_steps"):
+        if opts[key] < 1:
+            raise BenchConfigError(f"{key} must be >= 1, got {opts[key]}")
+    return opts
+
+
+def split(value: str) -> list[str]:
+    return [v for v in str(value).split(",") if v]
+
+
+# ----------------------------------------------------------------------------- the harness
+def optimizer_config(name: str) -> dict:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+
+
+def mlp(layers: int, width: int = 8) -> nn.Module:
+    """``layers`` small linear layers (2·layers+4 parameter tensors) on CIFAR-shaped input."""
+    body = [m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, width), nn.ReLU(), *body,
+                         nn.Linear(width, 10))
+
+
+def build_net(name: str) -> nn.Module:
+    if name.startswith("mlp"):
+        return mlp(int(name[3:] or 200))
+    from .models import build_model
+    return build_model(name, num_classes=10)
+
+
+@dataclass
+class StepHarness:
+    """One method on one model and one fixed batch, stepped the way a user (or the module) does:
+    the closure and the extra inputs the method declares, BatchNorm updated by the first pass."""
+
+    method: str
+    model_name: str
+    batch: int
+    device: torch.device
+    precision: str = "32"
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    passes: int = 0
+    extra_calls: int = 0
+    counts: Any = None          # a DispatchCounts while ops are being counted
+    model: nn.Module = field(init=False)
+    opt: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self):
+        from .optim.factory import build_optimizer
+        torch.manual_seed(0)
+        self.model = build_net(self.model_name).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = (torch.compile(self.model, backend=self.compile_backend) if self.compile
+                        else self.model)
+        self.cfg = optimizer_config(self.method)
+        self.opt = build_optimizer(self.model, self.cfg)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(self.batch, 3, 32, 32, generator=gen).to(self.device)
+        if self.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, 10, (self.batch,), generator=gen).to(self.device)
+        self.tail = (TAIL_COUNTS <= getattr(self.opt, "class_threshold", 20)).to(self.device)
+        amp = PRECISIONS[self.precision]
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else nullcontext
+
+    def _uncounted(self):
+        return self.counts.paused() if self.counts is not None else nullcontext()
+
+    def closure(self, part: str | None = None):
+        from .optim.imbalanced import split_loss
+        self.passes += 1
+        with self._uncounted():
+            self.opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                logits = self.forward(self.x)
+            if part is None:
+                loss = F.cross_entropy(logits.float(), self.y)
+            else:
+                loss = split_loss(F.cross_entropy(logits.float(), self.y, reduction="none"),
+                                  self.y, self.tail, part)
+            loss.backward()
+            return loss.detach()
+
+    def loss_closure(self):
+        from .optim.bn import frozen_bn_stats
+        self.passes += 1
+        self.extra_calls += 1
+        with self._uncounted(), frozen_bn_stats(self.model), self.autocast():
+            return F.cross_entropy(self.model(self.x).float(), self.y)
+
+    def fisher_closure(self):
+        from .optim.bn import frozen_bn_stats
+        self.passes += 1
+        self.extra_calls += 1
+        n = min(int(self.cfg.get("fisher_batch_size") or 64), self.batch)
+        with self._uncounted():
+            self.opt.zero_grad(set_to_none=True)
+            with frozen_bn_stats(self.model), self.autocast():
+                F.cross_entropy(self.model(self.x[:n]).float(), self.y[:n]).backward()
+        return n
+
+    @property
+    def hvps(self) -> int:
+        return int(getattr(self.opt, "num_hvps", 0) or 0)
+
+    def refresh_due(self) -> bool:
+        """Whether the coming step refreshes a mask (SSAM) — eigen-solves show as extra calls."""
+        due = getattr(self.opt, "refresh_due", None)
+        return bool(due()) if callable(due) else False
+
+    def step(self) -> None:
+        from .optim.bn import first_pass_updates_bn
+        if hasattr(self.opt, "base_optimizer"):
+            extras = {"loss_closure": self.loss_closure, "fisher_closure": self.fisher_closure}
+            needs = {k: extras[k] for k in getattr(self.opt, "extra_inputs", ())}
+            self.opt.step(first_pass_updates_bn(self.model, self.closure), **needs)
+        else:
+            self.closure()
+            self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], None]) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# ------------------------------------------------------------------------- counting steps
+def count_steps(h: StepHarness, n: int) -> list[dict]:
+    """Per step: ops dispatched by the optimizer (closures excluded), host syncs (whole step),
+    whether it was an amortised refresh (extra closure calls, an HVP, or a mask refresh)."""
+    from .profiling import count_dispatch
+    rows = []
+    for i in range(n):
+        refresh = h.refresh_due()
+        calls, hvps = h.extra_calls, h.hvps
+        with count_dispatch() as counts:
+            h.counts = counts
+            try:
+                h.step()
+            finally:
+                h.counts = None
+        refresh = refresh or h.extra_calls > calls or h.hvps > hvps
+        rows.append({"step": i, "ops": counts.ops, "syncs": counts.syncs, "refresh": refresh,
+                     "sites": dict(counts.sync_sites)})
+    return rows
+
+
+def step_counts(h: StepHarness, n: int, skip: int = 2) -> dict[str, Any]:
+    """Regular steps (after ``skip`` warm-up steps, which create lazily built state) and refresh
+    steps (any step, step 0 included) summarised apart."""
+    rows = count_steps(h, n)
+    regular = [r for r in rows[skip:] if not r["refresh"]]
+    refresh = [r for r in rows if r["refresh"]]
+    out = {"ops": statistics.median(r["ops"] for r in regular) if regular else math.nan,
+           "ops_max": max((r["ops"] for r in regular), default=math.nan),
+           "syncs": max((r["syncs"] for r in regular), default=math.nan),
+           "refresh_steps": len(refresh),
+           "refresh_ops": statistics.median(r["ops"] for r in refresh) if refresh else math.nan,
+           "refresh_syncs": statistics.median(r["syncs"] for r in refresh) if refresh else math.nan,
+           "sync_sites": sorted({s for r in rows for s in r["sites"]}), "steps": n}
+    return out
+
+
+def refresh_period(opt) -> int:
+    """Steps between a method's amortised refreshes (mask, eigen-solve); 0 if it has none."""
+    for name in ("update_interval", "interval", "freq"):
+        if hasattr(opt, name):
+            return int(getattr(opt, name))
+    return 0
+
+
+def num_tensors(model: nn.Module) -> int:
+    return sum(1 for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- optim section
+def bench_optimizers(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    methods = split(o["methods"])
+    harness = {m: StepHarness(m, o["model"], o["batch"], device, o["precision"],
+                              o["channels_last"], o["compile"]) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    passes: dict[str, list[int]] = {m: [0, 0, 0] for m in methods}   # passes, hvps, steps
+    peak: dict[str, float] = {m: math.nan for m in methods}
+    for m, h in harness.items():
+        log(f"optim: warm-up {m}")
+        for _ in range(o["warmup"]):
+            h.step()
+    for r in range(o["repeats"]):
+        for m, h in harness.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            p0, v0 = h.passes, h.hvps
+            t = timed(device, lambda: [h.step() for _ in range(o["steps"])])
+            times[m].append(t / o["steps"])
+            passes[m][0] += h.passes - p0
+            passes[m][1] += h.hvps - v0
+            passes[m][2] += o["steps"]
+            if device.type == "cuda":
+                peak[m] = max(0.0 if math.isnan(peak[m]) else peak[m],
+                              torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        log(f"optim: round {r + 1}/{o['repeats']} done")
+    rows = []
+    for m, h in harness.items():
+        s = summary(times[m])
+        log(f"optim: counting ops and syncs for {m}")
+        on_model = step_counts(h, o["count_steps"])
+        # The MLP (cheap) from a fresh optimizer, long enough to hold a refresh after step 0.
+        small = StepHarness(m, f"mlp{o['mlp_layers']}", 16, device)
+        on_mlp = step_counts(small, max(o["count_steps"], refresh_period(small.opt) + 3))
+        rows.append({"method": m, "ms_per_step": 1000 * s["median"], "ms_min": 1000 * s["min"],
+                     "ms_max": 1000 * s["max"], "images_per_s": o["batch"] / s["median"],
+                     "passes_per_step": passes[m][0] / passes[m][2],
+                     "hvps_per_step": passes[m][1] / passes[m][2],
+                     "tensors": num_tensors(h.model), "ops_per_step": on_model["ops"],
+                     "mlp_tensors": num_tensors(small.model), "mlp_ops_per_step": on_mlp["ops"],
+                     "syncs_per_step": on_model["syncs"],
+                     "refresh_steps": on_mlp["refresh_steps"],
+                     "counted_steps": on_mlp["steps"],
+                     "refresh_ops": on_mlp["refresh_ops"],
+                     "refresh_syncs": on_mlp["refresh_syncs"],
+                     "sync_sites": "; ".join(sorted(set(on_model["sync_sites"] + on_mlp["sync_sites"]))),
+                     "peak_mem_mb": peak[m]})
+        del small
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        ref = "adamw" if r["method"] == "hatam" else "sgd"
+        r["baseline"] = ref if ref in by_name else ""
+        r["vs_baseline"] = (r["ms_per_step"] / by_name[ref]["ms_per_step"]) if ref in by_name else math.nan
+    return rows
+
+
+# ---------------------------------------------------------------------------- driver section
+def synthetic_data(n_batches: int, batch: int, channels_last: bool):
+    from .data import CIFARDataModule
+    data = CIFARDataModule(name="synthetic", num_train=batch * n_batches, num_test=batch,
+                           batch_size=batch, seed=0, channels_last=channels_last)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def lightning_run(model: nn.Module, method: str, data, o: dict, device: torch.device,
+                  n_steps: int, warmup: int, counter=None) -> float:
+    """Seconds per step of ``SharpnessModule`` under a Lightning ``Trainer``, measured between the
+    start of batch ``warmup`` and the end of the last batch (data fetches in between included)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+    from .module import SharpnessModule
+    marks: list[float] = []
+
+    class Clock(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                sync(device)
+                marks.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == warmup + n_steps - 1:
+                sync(device)
+                marks.append(time.perf_counter())
+
+    module = SharpnessModule(model, optimizer_config(method), {"name": "constant", "warmup_epochs": 0},
+                             num_classes=10, epochs=1, precision=o["precision"],
+                             class_counts=data.train_class_counts, compile=o["compile"])
+    callbacks = [Clock()] + ([counter] if counter is not None else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                            max_epochs=1, limit_train_batches=warmup + n_steps, limit_val_batches=0,
+                            logger=CSVLogger(tmp), log_every_n_steps=50, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False,
+                            num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=tmp)
+        trainer.fit(module, datamodule=data)
+    return (marks[1] - marks[0]) / n_steps
+
+
+def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.device,
+              n_steps: int, warmup: int) -> float:
+    """Seconds per step of a hand-written loop: the same optimizer, closure and BatchNorm
+    policy, stepping the LR schedule like the module, over ``loader``."""
+    from .optim.bn import first_pass_updates_bn, frozen_bn_stats
+    from .optim.factory import build_optimizer
+    from .schedule import build_scheduler
+    opt = build_optimizer(model, optimizer_config(method))
+    sched = build_scheduler(opt, {"name": "constant", "warmup_epochs": 0}, warmup + n_steps, 1)
+    forward = torch.compile(model) if o["compile"] else model
+    amp = PRECISIONS[o["precision"]]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    counts = torch.tensor([5000, 2000, 800, 300, 120, 50, 20, 10, 5, 2], device=device)
+    tail = counts <= getattr(opt, "class_threshold", 20)
+    start = 0.0
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        def closure(part=None):
+            from .optim.imbalanced import split_loss
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                logits = forward(x)
+            if part is None:
+                loss = F.cross_entropy(logits.float(), y)
+            else:
+                loss = split_loss(F.cross_entropy(logits.float(), y, reduction="none"), y, tail, part)
+            loss.backward()
+            return loss.detach()
+
+        def loss_closure():
+            with frozen_bn_stats(model), autocast():
+                return F.cross_entropy(model(x).float(), y)
+
+        def fisher_closure():
+            opt.zero_grad(set_to_none=True)
+            with frozen_bn_stats(model), autocast():
+                F.cross_entropy(model(x[:64]).float(), y[:64]).backward()
+            return min(64, len(y))
+
+        extras = {"loss_closure": loss_closure, "fisher_closure": fisher_closure}
+        if hasattr(opt, "base_optimizer"):
+            opt.step(first_pass_updates_bn(model, closure),
+                     **{k: extras[k] for k in getattr(opt, "extra_inputs", ())})
+        else:
+            closure()
+            opt.step()
+        sched.step()
+        if i == warmup + n_steps - 1:
+            break
+    sync(device)
+    return (time.perf_counter() - start) / n_steps
+
+
+def bench_driver(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    from .profiling import StepCounter
+    import lightning as L
+    rows = []
+    warmup, n = o["warmup"], o["driver_steps"]
+    channels_last = o["channels_last"] and device.type == "cuda"
+
+    class Counter(StepCounter, L.pytorch.callbacks.Callback):
+        pass
+
+    for model_name in split(o["driver_models"]):
+        for method in split(o["driver_methods"]):
+            data = synthetic_data(warmup + n + 1, o["batch"], channels_last)
+            torch.manual_seed(0)
+            model = build_net(model_name).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            lit, plain = [], []
+            for r in range(o["repeats"]):
+                lit.append(lightning_run(model, method, data, o, device, n, warmup))
+                data.trainer = None
+                plain.append(plain_run(model, method, data.train_dataloader(), o, device, n, warmup))
+                log(f"driver: {model_name}/{method} round {r + 1}/{o['repeats']}: "
+                    f"Lightning {1000 * lit[-1]:.0f} ms, plain {1000 * plain[-1]:.0f} ms")
+            counter = Counter()
+            lightning_run(model, method, data, o, device, 1, warmup + 1, counter=counter)
+            ratios = [a / b for a, b in zip(lit, plain)]
+            rows.append({"model": model_name, "method": method, "lightning_ms": 1000 * statistics.median(lit),
+                         "plain_ms": 1000 * statistics.median(plain),
+                         "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                         "ratio_max": max(ratios),
+                         "lightning_syncs_per_step": max(s.syncs for s in counter.steps[1:]),
+                         "sync_sites": "; ".join(sorted({k for s in counter.steps for k in s.sync_sites}))})
+    return rows
+
+
+# -------------------------------------------------------------------------- pipeline section
+class ConventionalCIFAR(torch.utils.data.Dataset):
+    """What ``torchvision.datasets.CIFAR10`` does per item: a PIL image from a uint8 HWC array,
+    then the usual per-image transforms."""
+
+    def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, mean, std):
+        import torchvision.transforms as T
+        self.images = x_uint8.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = y.tolist()
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def bench_pipeline(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    warmup, n = o["warmup"], o["driver_steps"]
+    rows = []
+    for model_name in split(o["driver_models"]):
+        method = split(o["driver_methods"])[0]
+        data = synthetic_data(warmup + n + 1, o["batch"], False)
+        splits = data.splits
+        conventional = torch.utils.data.DataLoader(
+            ConventionalCIFAR(splits.train_x, splits.train_y, splits.mean, splits.std),
+            batch_size=o["batch"], shuffle=True, drop_last=True, num_workers=o["loader_workers"],
+            pin_memory=device.type == "cuda", persistent_workers=False)
+        torch.manual_seed(0)
+        model = build_net(model_name).to(device)
+        ours, theirs = [], []
+        for r in range(o["repeats"]):
+            ours.append(lightning_run(model, method, data, o, device, n, warmup))
+            data.trainer = None
+            theirs.append(plain_run(model, method, conventional, o, device, n, warmup))
+            log(f"pipeline: {model_name}/{method} round {r + 1}/{o['repeats']}: sharpbench "
+                f"{1000 * ours[-1]:.0f} ms, DataLoader {1000 * theirs[-1]:.0f} ms")
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        rows.append({"model": model_name, "method": method,
+                     "sharpbench_ms": 1000 * statistics.median(ours),
+                     "dataloader_ms": 1000 * statistics.median(theirs),
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios), "loader_workers": o["loader_workers"]})
+    return rows
+
+
+# --------------------------------------------------------------------------- compile section
+def bench_compile(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    from torch._dynamo.utils import counters
+    rows = []
+    model = o["compile_model"] or o["model"]
+    for method in split(o["compile_methods"]):
+        eager = StepHarness(method, model, o["batch"], device, o["precision"], o["channels_last"], False)
+        torch._dynamo.reset()
+        counters.clear()
+        t0 = time.perf_counter()
+        compiled = StepHarness(method, model, o["batch"], device, o["precision"], o["channels_last"], True)
+        for _ in range(max(2, o["warmup"])):
+            compiled.step()
+        sync(device)
+        first = time.perf_counter() - t0
+        graphs_warm = counters["stats"]["unique_graphs"]
+        for _ in range(o["warmup"]):
+            eager.step()
+        te, tc = [], []
+        for _ in range(o["repeats"]):
+            te.append(timed(device, lambda: [eager.step() for _ in range(o["steps"])]) / o["steps"])
+            tc.append(timed(device, lambda: [compiled.step() for _ in range(o["steps"])]) / o["steps"])
+        ratios = [c / e for c, e in zip(tc, te)]
+        rows.append({"method": method, "eager_ms": 1000 * statistics.median(te),
+                     "compiled_ms": 1000 * statistics.median(tc), "ratio": statistics.median(ratios),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "warmup_s": first, "graphs_after_warmup": graphs_warm,
+                     "graphs_after_timing": counters["stats"]["unique_graphs"]})
+        log(f"compile: {method}: eager {rows[-1]['eager_ms']:.0f} ms, compiled "
+            f"{rows[-1]['compiled_ms']:.0f} ms, graphs {graphs_warm} → {rows[-1]['graphs_after_timing']}")
+    return rows
+
+
+# --------------------------------------------------------------------------------- output
+def header(o: dict, device: torch.device) -> str:
+    hw = (torch.cuda.get_device_name(device) if device.type == "cuda"
+          else platform.processor() or platform.machine())
+    return (f"device {device} ({hw}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"python {platform.python_version()}; model {o['model']}, batch {o['batch']}, precision "
+            f"{o['precision']}, channels_last {o['channels_last']}, compile {o['compile']}; "
+            f"{o['repeats']} interleaved rounds of {o['steps']} steps after {o['warmup']} warm-up "
+            f"steps: median [min–max]")
+
+
+def fmt(v, spec=".1f") -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def markdown(o: dict, device: torch.device, results: dict[str, list[dict]], command: str) -> str:
+    out = [f"# sharpbench bench", "", f"`{command}`", "", header(o, device), ""]
+    rows = results.get("optim")
+    if rows:
+        t, m = rows[0]["tensors"], rows[0]["mlp_tensors"]
+        out += ["| method | ms/step | images/s | vs base | passes/step | HVPs/step | "
+                f"ops/step ({t} tensors) | ops/step ({m} tensors) | syncs/step | refresh steps ({m} tensors): ops, syncs | peak MiB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            vs = f"{r['vs_baseline']:.2f}× {r['baseline']}" if r["baseline"] else "–"
+            refresh = (f"{r['refresh_steps']} of {r['counted_steps']}: {fmt(r['refresh_ops'], '.0f')}, "
+                       f"{fmt(r['refresh_syncs'], '.0f')}" if r["refresh_steps"] else "–")
+            out.append(f"| `{r['method']}` | {r['ms_per_step']:.1f} [{r['ms_min']:.0f}–{r['ms_max']:.0f}] "
+                       f"| {r['images_per_s']:.0f} | {vs} | {r['passes_per_step']:.2f} "
+                       f"| {r['hvps_per_step']:.2f} | {fmt(r['ops_per_step'], '.0f')} "
+                       f"| {fmt(r['mlp_ops_per_step'], '.0f')} | {fmt(r['syncs_per_step'], '.0f')} "
+                       f"| {refresh} | {fmt(r['peak_mem_mb'], '.0f')} |")
+        sites = [f"- `{r['method']}`: {r['sync_sites']}" for r in rows if r["sync_sites"]]
+        if sites:
+            out += ["", "Host syncs (all on refresh steps unless the syncs/step column says otherwise):", *sites]
+        out.append("")
+    rows = results.get("driver")
+    if rows:
+        out += ["Lightning training step vs a plain loop (same DeviceLoader, model, optimizer):", "",
+                "| model | method | Lightning ms/step | plain loop ms/step | ratio [min–max] | Lightning syncs/step |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {r['model']} | `{r['method']}` | {r['lightning_ms']:.1f} | {r['plain_ms']:.1f} | "
+                f"{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['lightning_syncs_per_step']} |"
+                for r in rows]
+        out.append("")
+    rows = results.get("pipeline")
+    if rows:
+        out += ["Whole pipeline vs torchvision DataLoader + per-image transforms (plain loop):", "",
+                "| model | method | sharpbench ms/step | DataLoader ms/step (workers) | ratio [min–max] |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | `{r['method']}` | {r['sharpbench_ms']:.1f} | {r['dataloader_ms']:.1f} "
+                f"({r['loader_workers']}) | {r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] |"
+                for r in rows]
+        out.append("")
+    rows = results.get("compile")
+    if rows:
+        out += [f"torch.compile (model forward, {o['compile_model'] or o['model']}) vs eager:", "",
+                "| method | eager ms/step | compiled ms/step | compiled/eager [min–max] | compile warm-up s | graphs after warm-up → after timing |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| `{r['method']}` | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.3f} "
+                f"[{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['warmup_s']:.0f} | "
+                f"{r['graphs_after_warmup']} → {r['graphs_after_timing']} |" for r in rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def to_csv(results: dict[str, list[dict]]) -> str:
+    buf = io.StringIO()
+    keys = ["section"] + sorted({k for rows in results.values() for r in rows for k in r})
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for section, rows in results.items():
+        for r in rows:
+            writer.writerow({"section": section, **r})
+    return buf.getvalue()
+
+
+def run(o: dict, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
+    if o["threads"] > 0:
+        torch.set_num_threads(o["threads"])
+    device = torch.device(o["device"])
+    sections = split(o["sections"])
+    results: dict[str, list[dict]] = {}
+    for name, fn in (("optim", bench_optimizers), ("driver", bench_driver),
+                     ("pipeline", bench_pipeline), ("compile", bench_compile)):
+        if name in sections:
+            results[name] = fn(o, device, log)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        o = parse_options(argv)
+    except BenchConfigError as err:
+        print(f"sharpbench bench: {err}", file=sys.stderr)
+        return 2
+    import logging
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    device = torch.device(o["device"])
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log(header(o, device))
+    results = run(o, log)
+    command = "python -m sharpbench.bench " + " ".join(argv)
+    text = markdown(o, device, results, command.strip())
+    out = Path(o["out"])
+    write_atomic(out / "bench.md", text + "\n")
+    write_atomic(out / "bench.csv", to_csv(results))
+    print(text)
+    log(f"wrote {out / 'bench.md'} and {out / 'bench.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Speed proxies that carry over to any device: ops per optimizer step do not grow with the
+number of parameter tensors, no host sync in a training step, no recompilation under compile."""
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sharpbench.bench import (METHODS, BenchConfigError, StepHarness, optimizer_config,
+                              parse_options, refresh_period)
+from sharpbench.profiling import StepCounter, count_dispatch
+
+ALL = sorted(METHODS + ("adam", "rmsprop"))
+# A²SAM and X-SAM: their curvature code (a2sam.py, xsam.py, curvature.py) is being rewritten
+# separately; `python -m sharpbench.bench` reports their counts.
+OWN_CURVATURE = ("a2sam", "xsam")
+
+
+def regular_ops(method: str, layers: int, steps: int = 3) -> list[int]:
+    """Ops the optimizer dispatches (closures excluded) on each regular step after two warm-up
+    steps, on an MLP with ``2·layers + 4`` parameter tensors."""
+    h = StepHarness(method, f"mlp{layers}", 8, torch.device("cpu"))
+    period = getattr(h.opt, "update_interval", None)
+    out = []
+    for i in range(2 + steps):
+        refresh = h.refresh_due()
+        with count_dispatch() as c:
+            h.counts = c
+            h.step()
+            h.counts = None
+        if i >= 2 and not refresh:
+            out.append(c.ops)
+    assert out, (method, period)
+    return out
+
+
+@pytest.mark.parametrize("method", [m for m in ALL if m not in OWN_CURVATURE])
+def test_ops_per_step_do_not_grow_with_parameter_tensors(method):
+    few, many = regular_ops(method, 1), regular_ops(method, 12)
+    assert len(set(few)) == 1 and few == many[:len(few)], (few, many)
+    assert few[0] <= 40, few   # a handful of foreach calls, not a loop
+
+
+def test_counter_sees_scalar_reads_and_copies():
+    t = torch.ones(3)
+    with count_dispatch() as c:
+        float(t.sum()), t.tolist(), bool(t.sum() > 0)
+        with c.paused():
+            t + 1
+    assert (c.syncs, c.ops) == (3, 5), dict(c.by_op)   # sum, read, sum, gt, read; not t + 1
+    assert any("test_speed.py" in site for site in c.sync_sites)
+
+
+class Counter(StepCounter, L.pytorch.callbacks.Callback):
+    pass
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_no_host_sync_in_a_training_step(method):
+    """The whole step (closures included), every method at its defaults, regular steps."""
+    h = StepHarness(method, "tiny_cnn", 8, torch.device("cpu"))
+    period = refresh_period(h.opt)
+    sites = {}
+    for i in range(7):
+        with count_dispatch() as c:
+            h.step()
+        if not period or i % period != 0:
+            sites[i] = dict(c.sync_sites)
+    assert sites and all(not s for s in sites.values()), sites
+
+
+LIGHTNING_FAST = ("sam", "ssam_f", "adamw")   # one-pass, two-pass with an extra input, fused base
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=() if m in LIGHTNING_FAST
+                                                 else pytest.mark.slow) for m in ALL])
+def test_no_host_sync_in_a_lightning_training_step(method, tmp_path):
+    """The path ``sharpbench.train`` runs: Lightning, SharpnessModule, its closures, logging."""
+    from sharpbench.bench import synthetic_data
+    from sharpbench.models import build_model
+    from sharpbench.module import SharpnessModule
+    torch.manual_seed(0)
+    data = synthetic_data(7, 16, False)
+    cfg = optimizer_config(method)
+    if method == "imb_sam":
+        cfg["class_threshold"] = 1e9   # every class is tail: the three passes do real work
+    module = SharpnessModule(build_model("tiny_cnn", num_classes=10), cfg,
+                             {"name": "constant", "warmup_epochs": 0}, num_classes=10, epochs=1,
+                             class_counts=data.train_class_counts, fisher_batch_size=16)
+    counter = Counter()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[counter],
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    period = refresh_period(module.optimizers(use_pl_optimizer=False))
+    regular = {i: dict(s.sync_sites) for i, s in enumerate(counter.steps)
+               if not period or i % period != 0}
+    assert len(counter.steps) == 7 and regular
+    assert all(not sites for sites in regular.values()), regular
+
+
+def test_compiled_model_keeps_one_graph_across_passes_and_steps():
+    """BatchNorm's frozen second pass changes no module attribute, so dynamo compiles the
+    forward once: no recompilation between SAM's two passes or between steps."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    h = StepHarness("sam", "tiny_cnn", 8, torch.device("cpu"), compile=True,
+                    compile_backend="eager")   # dynamo's guards, without inductor's compile time
+    for _ in range(3):
+        h.step()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_steps_compiled_without_recompiling(method):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    h = StepHarness(method, "tiny_cnn", 8, torch.device("cpu"), compile=True)
+    h.step()
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        h.step()
+    assert counters["stats"]["unique_graphs"] == graphs == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_bench_options_are_checked():
+    o = parse_options(["model=tiny_cnn", "batch=8", "compile=true", "methods=sgd,sam"])
+    assert o["batch"] == 8 and o["compile"] is True and o["device"] == "cpu"
+    for bad in (["batch=0"], ["methods=sgd,nope"], ["colour=red"], ["compile=maybe"], ["model"],
+                ["precision=fp8"]):
+        with pytest.raises(BenchConfigError):
+            parse_options(bad)
+
+
+def test_bench_writes_markdown_and_csv(tmp_path):
+    from sharpbench.bench import main
+    rc = main(["model=tiny_cnn", "batch=8", "steps=1", "repeats=1", "warmup=1", "count_steps=4",
+               "mlp_layers=3", "methods=sgd,sam,ssam_d", "sections=optim", f"out={tmp_path}"])
+    assert rc == 0
+    text = (tmp_path / "bench.md").read_text()
+    assert "| `sam` |" in text and "ops/step" in text
+    rows = (tmp_path / "bench.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("section")

@@ -57,7 +57,9 @@ class Counter(StepCounter, L.pytorch.callbacks.Callback):
 @pytest.mark.parametrize("method", ALL)
 def test_no_host_sync_in_a_training_step(method):
     """The whole step (closures included), every method at its defaults, regular steps."""
-    h = StepHarness(method, "tiny_cnn", 8, torch.device("cpu"))
+    h = StepHarness(method, "mlp1", 8, torch.device("cpu"))
+    if hasattr(h.opt, "num_samples"):
+        h.opt.num_samples = 8            # SSAM-F: one Fisher pass per refresh
     period = refresh_period(h.opt)
     sites = {}
     for i in range(7):
@@ -83,6 +85,8 @@ def test_no_host_sync_in_a_lightning_training_step(method, tmp_path):
     cfg = optimizer_config(method)
     if method == "imb_sam":
         cfg["class_threshold"] = 1e9   # every class is tail: the three passes do real work
+    if method == "ssam_f":
+        cfg["num_samples"] = 16        # one Fisher pass per refresh
     module = SharpnessModule(build_model("tiny_cnn", num_classes=10), cfg,
                              {"name": "constant", "warmup_epochs": 0}, num_classes=10, epochs=1,
                              class_counts=data.train_class_counts, fisher_batch_size=16)
@@ -140,7 +144,7 @@ def test_bench_options_are_checked():
 
 def test_bench_writes_markdown_and_csv(tmp_path):
     from sharpbench.bench import main
-    rc = main(["model=tiny_cnn", "batch=8", "steps=1", "repeats=1", "warmup=1", "count_steps=4",
+    rc = main(["model=mlp2", "batch=8", "steps=1", "repeats=1", "warmup=1", "count_steps=4",
                "mlp_layers=3", "methods=sgd,sam,ssam_d", "sections=optim", f"out={tmp_path}"])
     assert rc == 0
     text = (tmp_path / "bench.md").read_text()

@@ -485,7 +485,9 @@ def bench_driver(o: dict, device: torch.device, log: Callable[[str], None]) -> l
                          "plain_ms": 1000 * statistics.median(plain),
                          "ratio": statistics.median(ratios), "ratio_min": min(ratios),
                          "ratio_max": max(ratios),
-                         "lightning_syncs_per_step": max(s.syncs for s in counter.steps[1:]),
+                         "lightning_syncs_per_step": max(
+                             (s.syncs for i, s in enumerate(counter.steps)
+                              if i and i not in counter.logging_steps), default=0),
                          "sync_sites": "; ".join(sorted({k for s in counter.steps for k in s.sync_sites}))})
     return rows
 

@@ -104,10 +104,13 @@ class StepCounter:
     one batch and the start of the next (the training step, the optimizer, logging, the loader
     fetching the next batch): the driver path the trainer actually runs.
 
-    Use as a Lightning callback; ``steps`` is then a list of ``DispatchCounts``, one per batch."""
+    Use as a Lightning callback; ``steps`` is then a list of ``DispatchCounts``, one per batch, and
+    ``logging_steps`` the batches on which Lightning wrote its logs (a boundary where reading the
+    logged values is expected)."""
 
     def __init__(self):
         self.steps: list[DispatchCounts] = []
+        self.logging_steps: set[int] = set()
         self._active = None
 
     def _close(self) -> None:
@@ -119,6 +122,10 @@ class StepCounter:
         self._close()
         self._active = count_dispatch()
         self.steps.append(self._active.__enter__())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer._logger_connector.should_update_logs:
+            self.logging_steps.add(len(self.steps) - 1)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._close()

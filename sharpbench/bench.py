@@ -680,6 +680,9 @@ def run(o: dict, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     try:
         o = parse_options(argv)
     except BenchConfigError as err:

@@ -146,6 +146,12 @@ def test_bench_options_are_checked():
             parse_options(bad)
 
 
+def test_bench_help_and_bad_option_exit_codes(capsys):
+    from sharpbench.bench import main
+    assert main(["--help"]) == 0 and "key=value" in capsys.readouterr().out
+    assert main(["batch=zero"]) == 2 and "batch" in capsys.readouterr().err
+
+
 def test_bench_writes_markdown_and_csv(tmp_path):
     from sharpbench.bench import main
     rc = main(["model=mlp2", "batch=8", "steps=1", "repeats=1", "warmup=1", "count_steps=4",

@@ -75,12 +75,12 @@ SHORT_NAMES = {"trainer.max_epochs": "epochs", "dataset.batch_size": "batch"}
 FRONT_COLUMNS = ("status", "dataset", "method", "setting", "seed", "model", "test_acc", "test_loss",
                  "val_acc", "val_loss", "train_loss", "train_acc", "wall_time_s", "eval_time_s",
                  "epoch_time_s", "images_per_s", "passes_per_step", "hvps_per_step",
-                 "peak_mem_mb", "epochs", "epochs_completed", "steps", "batch_size", "lr", "rho",
+                 "cost_per_step", "peak_mem_mb", "epochs", "epochs_completed", "steps", "batch_size", "lr", "rho",
                  "base_optimizer", "device", "precision", "paper_recipe", "duplicate_of",
                  "error", "overrides", "run_dir")
 NUMERIC_COLUMNS = ("seed", "test_acc", "test_loss", "val_acc", "val_loss", "train_loss",
                    "train_acc", "wall_time_s", "eval_time_s", "epoch_time_s", "images_per_s",
-                   "passes_per_step", "hvps_per_step", "peak_mem_mb", "epochs",
+                   "passes_per_step", "hvps_per_step", "cost_per_step", "peak_mem_mb", "epochs",
                    "epochs_completed", "steps", "batch_size", "lr", "rho")
 INTEGER_COLUMNS = ("seed", "epochs", "epochs_completed", "steps", "batch_size")
 
@@ -328,8 +328,8 @@ def counted_runs(df: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the table
 TABLE_COLUMNS = ["dataset", "method", "setting", "n", "failed", "duplicates", "statuses",
                  "test_acc_mean", "test_acc_std", "loss_mean", "loss_split", "wall_time_s",
-                 "eval_time_s", "passes_per_step", "images_per_s", "peak_mem_mb", "lr", "rho",
-                 "paper_recipe", "paper_top1", "paper_loss", "paper_time_vs_sam_pct", "context"]
+                 "eval_time_s", "passes_per_step", "cost_per_step", "images_per_s", "peak_mem_mb",
+                 "lr", "rho", "paper_recipe", "paper_top1", "paper_loss", "paper_time_vs_sam_pct", "context"]
 
 
 def table1(df: pd.DataFrame) -> pd.DataFrame:
@@ -353,6 +353,8 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
             "wall_time_s": done["wall_time_s"].mean(),
             "eval_time_s": done["eval_time_s"].mean(),
             "passes_per_step": done["passes_per_step"].mean(),
+            "cost_per_step": (done["cost_per_step"].mean() if "cost_per_step" in done
+                              else math.nan),
             "images_per_s": done["images_per_s"].mean(),
             "peak_mem_mb": done["peak_mem_mb"].mean(),
             "lr": done["lr"].mean(), "rho": done["rho"].mean(),
@@ -448,7 +450,11 @@ def block_columns(part: pd.DataFrame) -> list[tuple[str, Any]]:
     if recipe and part["paper_time_vs_sam_pct"].notna().any():
         cols.append((f"{reference.CITATION} vs SAM",
                      lambda r: paper_cell(r, "paper_time_vs_sam_pct", ".0f")))
-    cols.append(("passes", lambda r: fmt(r.passes_per_step, ".2f")))
+    if part["cost_per_step"].notna().any():
+        # passes plus Hessian-vector products at their FLOP price (A2SAM, X-SAM)
+        cols.append(("cost", lambda r: fmt(r.cost_per_step, ".2f")))
+    else:
+        cols.append(("passes", lambda r: fmt(r.passes_per_step, ".2f")))
     for metric in EXTRA_METRICS:
         key = f"{metric.key}_mean"
         if key in part and part[key].notna().any():
@@ -467,6 +473,10 @@ def notes(table: pd.DataFrame) -> list[str]:
              "(— with one seed). loss: mean cross-entropy of the final model. time: training "
              "time per run in seconds, evaluation excluded. passes: forward/backward passes per "
              "optimizer step, counted."]
+    if table["cost_per_step"].notna().any():
+        lines.append("cost: forward/backward passes per optimizer step with each Hessian-vector "
+                     "product priced at its FLOPs (measured, about 2 passes on ResNet-18), so "
+                     "A²SAM's and X-SAM's curvature work is counted; equal to passes for the others.")
     if table["time_vs_sam_pct"].notna().any():
         lines.append("vs SAM: 100 × time / the training time of SAM with the same other settings "
                      "(dataset, model, data, schedule, trainer; where several SAM rows qualify, the "

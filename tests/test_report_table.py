@@ -123,6 +123,7 @@ def test_markdown_fits_a_120_column_terminal():
     records = [run(m, s, 90.0 + s, dataset=d, wall=100.0 + s, **{"optimizer.rho": rho})
                for m in methods for d in ("cifar10", "cifar100") for s in (0, 1)
                for rho in (0.05, 0.1)]
+    records = [dict(r, cost_per_step=2.0) for r in records]  # every real run records its cost
     records.append(dict(run("sam", 2, 0.0), status="failed", test_acc=None))
     table = table1(runs_frame(records))
     md = to_markdown(display_table(table), "table1_full: final-epoch results", report.notes(table))
@@ -161,3 +162,15 @@ def test_extra_metric_columns_can_be_registered(monkeypatch):
     assert table["lambda_max_mean"].iloc[0] == pytest.approx(10.5)
     assert display_table(table).loc["SAM", ("CIFAR-10", "λ_max")] == "10.5"
     assert not math.isnan(table["lambda_max_mean"].iloc[0])
+
+
+def test_cost_per_step_column_prices_hessian_products():
+    records = [dict(run("sam", s, 90.0), cost_per_step=2.0) for s in (0, 1)]
+    records += [dict(run("a2sam", s, 90.0), passes_per_step=1.03, cost_per_step=c)
+                for s, c in ((0, 1.40), (1, 1.46))]
+    shown = display_table(table1(runs_frame(records)))
+    assert shown.loc["SAM", ("CIFAR-10", "cost")] == "2.00"
+    assert shown.loc["A²SAM", ("CIFAR-10", "cost")] == "1.43"
+    assert ("CIFAR-10", "passes") not in shown.columns  # cost replaces passes when recorded
+    old = display_table(table1(runs_frame([run("sam", 0, 90.0)])))  # records without a cost
+    assert old.loc["SAM", ("CIFAR-10", "passes")] == "2.00"

@@ -74,8 +74,8 @@ def check_schedule(cfg: Mapping[str, Any], epochs: int) -> None:
             raise ScheduleConfigError(
                 f"schedule milestones {late} are not before the last epoch ({epochs} epochs, "
                 f"numbered 0..{epochs - 1}), so they would never apply. Give them as fractions "
-                "of the run, which fit any trainer.max_epochs (schedule.milestones=[0.625,0.9375] "
-                "is the paper's 50 and 75 of 80), lower them, or raise trainer.max_epochs")
+                "of the run, which fit any trainer.max_epochs, e.g. schedule.milestones=[0.625,0.9375] "
+                "(the paper's 50 and 75 of 80), lower them, or raise trainer.max_epochs")
     warmup = float(cfg.get("warmup_epochs", 0) or 0)
     if warmup < 0 or warmup >= epochs:
         raise ScheduleConfigError(

@@ -269,9 +269,10 @@ class SharpnessModule(L.LightningModule):
         self.count_optimizer_step()
         self.watch_divergence(loss)
         perturbed = getattr(opt, "last_loss_is_perturbed", None)
-        if perturbed is None:
+        if not perturbed:  # the epoch's train loss: at the unperturbed weights only
             self._loss_sum = self._loss_sum + loss.double()
             self._loss_count += 1
+        if perturbed is None:
             # Not on the progress bar: showing a step value there reads it back every batch (a sync).
             self.log("train/loss", loss, on_step=True, on_epoch=True)
         else:
@@ -283,9 +284,6 @@ class SharpnessModule(L.LightningModule):
             self.log("train/loss_step", nan if perturbed else loss, on_step=True, on_epoch=False)
             self.log("train/loss_perturbed_step", loss if perturbed else nan, on_step=True,
                      on_epoch=False)
-            if not perturbed:
-                self._loss_sum = self._loss_sum + loss.double()
-                self._loss_count += 1
         if self.trainer._logger_connector.should_update_logs:
             self.log_step_values(opt, lr)
         return loss

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .record import readable_mode
+from .fileio import make_shareable
 
 SMOOTH_POINTS = 50      # a smoothed curve keeps about this many independent points
 FEW_POINTS = 40         # at most this many points: draw markers
@@ -270,7 +270,7 @@ def save(fig, stem: Path) -> dict[str, Path]:
         fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
-            os.chmod(tmp, readable_mode())
+            make_shareable(tmp)
             fig.savefig(tmp, format=fmt, **kwargs)
             os.replace(tmp, path)
         finally:

@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .fileio import default_file_mode
+from .fileio import make_shareable
 
 METRICS_FILE = "metrics.json"
 
@@ -32,7 +32,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, readable_mode())  # mkstemp makes it private (0600); results are shared
+        make_shareable(tmp)  # mkstemp makes it private (0600); results are shared
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -42,11 +42,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def readable_mode() -> int:
-    """0666 minus the process umask: what ``open()`` would have created."""
-    return default_file_mode()
 
 
 def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:

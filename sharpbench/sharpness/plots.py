@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..fileio import make_shareable
 from .landscape import Line, Surface
 
 
@@ -27,9 +28,7 @@ def new_figure(width: float, height: float, layout: str | None = None):
 
 def publish(tmp: str, path: Path) -> None:
     """Rename ``tmp`` over ``path`` with the usual file mode (mkstemp creates files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    make_shareable(tmp)
     os.replace(tmp, path)
 
 

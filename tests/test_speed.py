@@ -10,9 +10,6 @@ from sharpbench.bench import (METHODS, BenchConfigError, StepHarness, optimizer_
 from sharpbench.profiling import StepCounter, count_dispatch
 
 ALL = sorted(METHODS + ("adam", "rmsprop"))
-# A²SAM and X-SAM: their curvature code (a2sam.py, xsam.py, curvature.py) is being rewritten
-# separately; `python -m sharpbench.bench` reports their counts.
-OWN_CURVATURE = ("a2sam", "xsam")
 
 
 def regular_ops(method: str, layers: int, steps: int = 3) -> list[int]:
@@ -33,7 +30,7 @@ def regular_ops(method: str, layers: int, steps: int = 3) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("method", [m for m in ALL if m not in OWN_CURVATURE])
+@pytest.mark.parametrize("method", ALL)
 def test_ops_per_step_do_not_grow_with_parameter_tensors(method):
     few, many = regular_ops(method, 1), regular_ops(method, 12)
     assert len(set(few)) == 1 and few == many[:len(few)], (few, many)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..curvature import HessianOperator, lanczos
-from .base import HessianCounters, SharpnessAwareOptimizer, check_positive, require_closure
+from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, check_positive,
+                   flat_buffer, flat_state, require_closure, scaled)
 from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
 
@@ -199,8 +200,9 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
             self.method_state["num_loss_closure_calls"] += 1
             op = HessianOperator(loss, params)
             init = op.gradient / op.gradient.norm().clamp_min(1e-30)
-            if "eigvecs" in self.state[params[0]]:
-                init = init + torch.cat([self.state[p]["eigvecs"] for p in params]).sum(dim=1)
+            previous = self._eigvec_matrix(params)
+            if previous is not None:
+                init = init + previous.sum(dim=1)
             # a zero or non-finite start is replaced by a random one inside lanczos (no sync)
             generator = torch.Generator(device=device).manual_seed(int(self.method_state["step"]))
             lam, V, info = lanczos(op.matvec, op.dim, self.k, num_iters=self.lanczos_iters,
@@ -210,12 +212,21 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
         self.method_state["num_eigen_solves"] += 1
         if self.record_solve(info, "Lanczos solve"):
             self.method_state["eigvals"] = lam.detach().clamp(min=0)
-            offset = 0
-            for p in params:
-                n = p.numel()
-                self.state[p]["eigvecs"] = V[offset:offset + n].detach().clone()
-                offset += n
+            matrix = self._eigvec_matrix(params)
+            if matrix is None or matrix.shape != V.shape or matrix.dtype != V.dtype:
+                blocks = list(V.detach().split([p.numel() for p in params]))
+                buf = self._buffers["eigvecs"] = FlatBuffer(blocks)
+                for p, view in zip(params, buf.views):
+                    self.state[p]["eigvecs"] = view
+                matrix = buf.flat.view(V.shape)
+            matrix.copy_(V.detach())
         return loss.detach()
+
+    def _eigvec_matrix(self, params: list[Tensor]) -> Tensor | None:
+        """``V`` as one [d, k] matrix whose row blocks are ``state[p]["eigvecs"]``; ``None``
+        before the first solve."""
+        buf = flat_state(self.state, self._buffers, "eigvecs", params)
+        return None if buf is None else buf.flat.view(-1, self.k)
 
     def _ellipsoid_lambdas(self) -> Tensor | None:
         """The eigenvalues that enter ``A``: ``Λ`` (absolute α) or ``Λ/λ_max`` (relative α)."""
@@ -230,20 +241,56 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:
         """The ellipsoid's ``e`` from the stale gradient (stale variant) or the current ``.grad``
-        (fresh variant); before there is a stale gradient (step 0), SAM's ``e``."""
+        (fresh variant); before there is a stale gradient (step 0), SAM's ``e``.
+
+        All parameters' gradients are one flat vector ``g`` (the stale gradient is kept flat;
+        the fresh one is copied into a flat buffer), so ``u = A⁻¹g = g − V·(s ⊙ Vᵀg)`` is one
+        matrix-vector product each way and ``gᵀu`` one dot product, whatever the number of
+        parameter tensors."""
         if self.stale_gradient and not self._has_stale():
             params, rhos = self.params_and_rhos()
             return dict(zip(params, lp_ball_argmax([p.grad for p in params], rhos, 2.0)))
-        params, rhos, grads = [], [], []
+        params, rhos = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    g = self.state[p].get("stale_grad") if self.stale_gradient else p.grad
                     params.append(p)
                     rhos.append(group["rho"])
-                    grads.append(torch.zeros_like(p) if g is None else g)
+        g = self._flat_gradient(params)
+        if g is None:
+            return self._perturbation_per_tensor(params, rhos)
         lam = self._ellipsoid_lambdas()
-        if lam is None:  # alpha = 0, or no eigen-solve yet: the sphere
+        u = g
+        if lam is not None:
+            V = self._eigvec_matrix(params)
+            if V is None or V.shape[0] != g.flat.numel():
+                return self._perturbation_per_tensor(params, rhos)
+            lam = lam.detach().clamp(min=0)
+            shrink = (self.alpha * lam / (1 + self.alpha * lam)).to(g.flat.dtype)      # [k]
+            s = shrink * torch.mv(V.t(), g.flat)                                        # s ⊙ Vᵀg
+            u = flat_buffer(self._buffers, "u", g.views)
+            torch.addmv(g.flat, V, s, alpha=-1, out=u.flat)                            # g − V s
+        inv = 1.0 / (torch.dot(g.flat, u.flat).clamp(min=0).sqrt() + 1e-12)
+        return dict(zip(params, scaled(u.views, inv, rhos)))
+
+    def _flat_gradient(self, params: list[Tensor]) -> FlatBuffer | None:
+        """The gradient the ellipsoid acts on, as one flat buffer (``None``: not every parameter
+        has one in a single dtype/device; the per-tensor path handles those cases)."""
+        if self.stale_gradient:
+            return flat_state(self.state, self._buffers, "stale_grad", params)
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads) or not FlatBuffer.fits(grads):
+            return None
+        return flat_buffer(self._buffers, "grad", grads).load(grads)
+
+    def _perturbation_per_tensor(self, params: list[Tensor], rhos: list[float]) -> dict[Tensor, Tensor]:
+        """The same ``e`` one tensor at a time (missing gradients count as zero)."""
+        grads = []
+        for p in params:
+            g = self.state[p].get("stale_grad") if self.stale_gradient else p.grad
+            grads.append(torch.zeros_like(p) if g is None else g)
+        lam = self._ellipsoid_lambdas()
+        if lam is None or any("eigvecs" not in self.state[p] for p in params):
             u = grads
         else:
             u = ellipsoid_inverse_apply(grads, [self.state[p]["eigvecs"] for p in params],
@@ -251,6 +298,32 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
         g_u = torch.stack([torch.dot(g.reshape(-1), v.reshape(-1)) for g, v in zip(grads, u)]).sum()
         inv = 1.0 / (g_u.clamp(min=0).sqrt() + 1e-12)
         return {p: v * (inv * r) for p, v, r in zip(params, u, rhos)}
+
+    def _keep_stale_gradient(self) -> tuple[list[Tensor], FlatBuffer | dict]:
+        """Copy the gradients at ``w + e`` aside (before the base step reduces or clips them):
+        into a spare flat buffer (one ``_foreach_copy_``) when every parameter has one."""
+        params = self._params()
+        grads = [p.grad for p in params]
+        if grads and all(g is not None for g in grads) and FlatBuffer.fits(grads):
+            return params, flat_buffer(self._buffers, "stale_spare", grads).load(grads)
+        return params, {p: p.grad.detach().clone() for p in params if p.grad is not None}
+
+    def _adopt_stale_gradient(self, params: list[Tensor], kept: FlatBuffer | dict) -> None:
+        """Make the kept copy the stale gradient; the buffer it replaces becomes the spare."""
+        if isinstance(kept, FlatBuffer):
+            previous = self._buffers.get("stale_grad")
+            self._buffers["stale_grad"], self._buffers["stale_spare"] = kept, previous
+            for p, view in zip(params, kept.views):
+                self.state[p]["stale_grad"] = view
+            if previous is None:
+                self._buffers.pop("stale_spare")
+            return
+        self._buffers.pop("stale_grad", None)
+        for p in params:
+            if p in kept:
+                self.state[p]["stale_grad"] = kept[p]
+            else:
+                self.state[p].pop("stale_grad", None)
 
     # ------------------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -273,14 +346,9 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
             self.method_state["num_closure_calls"] += 1
         finally:
             self.restore()
-        new_stale = ({p: p.grad.detach().clone() for p in self._params() if p.grad is not None}
-                     if self.stale_gradient else {})
-        if self.base_step() and self.stale_gradient:
-            for p in self._params():
-                if p in new_stale:
-                    self.state[p]["stale_grad"] = new_stale[p]
-                else:
-                    self.state[p].pop("stale_grad", None)
+        kept = self._keep_stale_gradient() if self.stale_gradient else None
+        if self.base_step() and kept is not None:
+            self._adopt_stale_gradient(*kept)
         self.method_state["step"] += 1
         if two_pass:
             self.last_loss_is_perturbed = False

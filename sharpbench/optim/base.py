@@ -81,6 +81,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self.method_state: dict = {}
         self._saved: dict[Tensor, Tensor] = {}  # w before the perturbation (not optimizer state)
         self._perturbed: list[Tensor] = []
+        self._buffers: dict = {}  # FlatBuffers by name (flat_buffer / flat_state), allocated once
 
     # ----------------------------------------------------------------- what a subclass writes
     def perturbation(self) -> dict[Tensor, Tensor]:
@@ -283,6 +284,30 @@ def flat_buffer(cache: dict, key: str, like: list[Tensor]) -> FlatBuffer:
     buf = cache.get(key)
     if buf is None or not buf.matches(like):
         buf = cache[key] = FlatBuffer(like)
+    return buf
+
+
+def flat_state(state: dict, cache: dict, key: str, params: list[Tensor]) -> FlatBuffer | None:
+    """Per-parameter state ``state[p][key]`` for every ``p`` in ``params``, kept as the views of one
+    ``FlatBuffer`` (cached under ``key``), so a method can use it flat (one dot product, one
+    matrix product) or per tensor (a foreach op) without a per-tensor op.
+
+    When the entries are not that buffer's views (the first call, after ``load_state_dict``, or
+    when a user assigned them), they are copied into a new buffer (one ``_foreach_copy_``) and
+    ``state[p][key]`` is rebound to its views. Returns ``None`` if some ``p`` has no entry or the
+    entries do not fit one buffer (mixed dtypes or devices): the caller then works per tensor."""
+    current = [state[p].get(key) for p in params]
+    if not current or any(t is None for t in current):
+        return None
+    buf = cache.get(key)
+    if (buf is not None and len(buf.views) == len(current)
+            and all(a is b for a, b in zip(buf.views, current))):
+        return buf
+    if not FlatBuffer.fits(current):
+        return None
+    buf = cache[key] = FlatBuffer(current).load(current)
+    for p, view in zip(params, buf.views):
+        state[p][key] = view
     return buf
 
 

@@ -85,7 +85,6 @@ class GSAM(SharpnessAwareOptimizer):
                                  f"{group['lr_max']}, lr_min={group['lr_min']}")
             group["rho_t"] = group["rho"]
         self._grad_at_w: dict[Tensor, Tensor] = {}  # g, kept between the two passes of one step
-        self._buffers: dict = {}  # flat buffers for g and g_p (allocated once)
 
     @staticmethod
     def rho_at(group: dict) -> float:

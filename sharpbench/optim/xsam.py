@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ..curvature import HessianOperator, params_to_vector, power_iteration
-from .base import HessianCounters, require_closure
+from .base import (FlatBuffer, HessianCounters, flat_buffer, flat_state, global_grad_norm,
+                   require_closure)
 from .eigen_record import EigenSolveRecord
 from .sam import SAM
 
@@ -144,8 +145,11 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
             loss = loss_closure()
             self.method_state["num_loss_closure_calls"] += 1
             op = HessianOperator(loss, params)
-            if "eigvec" in self.state[params[0]]:
-                init = params_to_vector([self.state[p]["eigvec"] for p in params])
+            previous = flat_state(self.state, self._buffers, "eigvec", params)
+            if previous is not None:
+                init = previous.flat.clone()
+            elif "eigvec" in self.state[params[0]]:
+                init = params_to_vector([self.state[p].get("eigvec") for p in params], like=params)
             else:
                 init = op.gradient  # zero or non-finite: power_iteration starts at random
             generator = torch.Generator(device=device).manual_seed(int(self.method_state["step"]))
@@ -156,35 +160,41 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
         if not self.record_solve(info, "power iteration"):
             return
         self.method_state["eigval"] = lam.detach()
-        offset = 0
-        for p in params:
-            n = p.numel()
-            self.state[p]["eigvec"] = v[offset:offset + n].view_as(p).detach().clone()
-            offset += n
+        buf = flat_state(self.state, self._buffers, "eigvec", params)
+        if buf is None or buf.flat.shape != v.shape or buf.flat.dtype != v.dtype:
+            buf = self._buffers["eigvec"] = FlatBuffer(list(params))
+            for p, view in zip(params, buf.views):
+                self.state[p]["eigvec"] = view
+        buf.flat.copy_(v.detach())
 
     @torch.no_grad()
     def correct_gradient(self) -> None:
         """On the current ``.grad`` in place (global dots, no host sync): optionally normalise
         (``g <- g/||g||``), then ``g <- g − α·c·v`` with ``c = g·v`` (``"projection"``) or
-        ``c = |g·v|`` (``"sign"``)."""
+        ``c = |g·v|`` (``"sign"``). ``v`` is kept flat and ``g`` is copied into a flat buffer, so
+        ``g·v`` is one dot product and the update one foreach op, whatever the number of tensors."""
         params = [p for p in self._params() if p.grad is not None]
         if not params:
             return
+        grads = [p.grad for p in params]
         if self.normalize_gradient:
-            norm = torch.stack([p.grad.norm() for p in params]).norm()
-            inv = 1.0 / (norm + 1e-12)
-            for p in params:
-                p.grad.mul_(inv)
-        params = [p for p in params if "eigvec" in self.state[p]]
-        if not params or self.alpha == 0:
+            torch._foreach_mul_(grads, 1.0 / (global_grad_norm(grads, 2.0) + 1e-12))
+        if self.alpha == 0:
             return
-        dot = torch.stack([torch.dot(p.grad.reshape(-1), self.state[p]["eigvec"].reshape(-1))
-                           for p in params]).sum()
+        v = flat_state(self.state, self._buffers, "eigvec", params)
+        if v is not None and FlatBuffer.fits(grads) and grads[0].dtype == v.flat.dtype:
+            dot = torch.dot(flat_buffer(self._buffers, "grad", grads).load(grads).flat, v.flat)
+            vs = v.views
+        else:  # no eigenvector yet for some tensor (plain SAM there), or mixed dtypes
+            keep = [i for i, p in enumerate(params) if "eigvec" in self.state[p]]
+            if not keep:
+                return
+            grads = [grads[i] for i in keep]
+            vs = [self.state[params[i]]["eigvec"] for i in keep]
+            dot = torch.stack([torch.dot(g.reshape(-1), e.reshape(-1)) for g, e in zip(grads, vs)]).sum()
         if self.correction == "sign":
             dot = dot.abs()
-        scale = -self.alpha * dot
-        for p in params:
-            p.grad.add_(self.state[p]["eigvec"] * scale)
+        torch._foreach_add_(grads, torch._foreach_mul(vs, -self.alpha * dot))
 
     def gradient_correction(self) -> None:
         self.correct_gradient()

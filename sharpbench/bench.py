@@ -13,7 +13,8 @@ Sections (``sections=optim,driver,pipeline,compile``):
   refresh steps (mask refresh, eigen-solve) reported apart, and peak memory (CUDA);
 - ``driver``: the Lightning training step (``SharpnessModule``, the path ``sharpbench.train``
   runs) against a plain loop over the same ``DeviceLoader``, model and optimizer, and the host
-  syncs per step the Lightning path makes;
+  syncs per step the Lightning path makes; every (model, method) pair once per round; and end
+  to end, each method's Lightning step against SGD's (AdamW's for HATAM) in the same round;
 - ``pipeline``: the whole sharpbench pipeline (device-resident data, batched augmentation,
   Lightning) against the conventional loop: torchvision ``DataLoader`` + per-image
   ``RandomCrop``/``RandomHorizontalFlip``/``ToTensor``/``Normalize``;
@@ -25,7 +26,7 @@ Writes ``bench.md`` and ``bench.csv`` (atomically) under ``out``. Options, with 
     model=resnet18 batch=128 device=auto precision=32 channels_last=false compile=false
     methods=sgd,sam,asam,friendly_sam,ssam_f,ssam_d,imb_sam,gsam,a2sam,xsam,hatam,adamw
     warmup=2 steps=2 repeats=3 count_steps=12 mlp_layers=200
-    driver_models=tiny_cnn,resnet18 driver_methods=sam driver_steps=4 loader_workers=2
+    driver_models=tiny_cnn,resnet18 driver_methods=sgd,sam,adamw,hatam driver_steps=4 loader_workers=2
     compile_methods=sgd,sam compile_model=<model> sections=optim,driver,pipeline,compile
     out=outputs/bench threads=0
 
@@ -59,7 +60,7 @@ PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 DEFAULTS: dict[str, Any] = dict(
     model="resnet18", batch=128, device="auto", precision="32", channels_last=False,
     compile=False, methods=",".join(METHODS), warmup=2, steps=2, repeats=3, count_steps=12,
-    mlp_layers=200, driver_models="tiny_cnn,resnet18", driver_methods="sam", driver_steps=4,
+    mlp_layers=200, driver_models="tiny_cnn,resnet18", driver_methods="sgd,sam,adamw,hatam", driver_steps=4,
     loader_workers=2, compile_methods="sgd,sam", compile_model="", sections=",".join(SECTIONS),
     out="outputs/bench", threads=0)
 CONF = Path(__file__).resolve().parent / "conf" / "optimizer"
@@ -139,7 +140,8 @@ def build_net(name: str) -> nn.Module:
 @dataclass
 class StepHarness:
     """One method on one model and one fixed batch, stepped the way a user (or the module) does:
-    the closure and the extra inputs the method declares, BatchNorm updated by the first pass."""
+    the closure and the extra inputs the method declares, BatchNorm statistics updated as
+    ``bn_policy`` says (by the first pass, by default)."""
 
     method: str
     model_name: str
@@ -149,6 +151,7 @@ class StepHarness:
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    bn_policy: str = "first_pass"   # which passes update BatchNorm statistics (optim/bn.py)
     passes: int = 0
     extra_calls: int = 0
     counts: Any = None          # a DispatchCounts while ops are being counted
@@ -220,11 +223,11 @@ class StepHarness:
         return bool(due()) if callable(due) else False
 
     def step(self) -> None:
-        from .optim.bn import first_pass_updates_bn
+        from .optim.bn import bn_policy_closure
         if hasattr(self.opt, "base_optimizer"):
             extras = {"loss_closure": self.loss_closure, "fisher_closure": self.fisher_closure}
             needs = {k: extras[k] for k in getattr(self.opt, "extra_inputs", ())}
-            self.opt.step(first_pass_updates_bn(self.model, self.closure), **needs)
+            self.opt.step(bn_policy_closure(self.model, self.closure, self.bn_policy), **needs)
         else:
             self.closure()
             self.opt.step()
@@ -362,6 +365,14 @@ def synthetic_data(n_batches: int, batch: int, channels_last: bool):
     return data
 
 
+def cifar_log_interval(batch: int) -> int:
+    """The logging interval of a real run over CIFAR's 50,000 training images at this batch size
+    (every 19 steps at batch 128): the bench's short epochs would otherwise be logged at every
+    step (``run_logging.dense_log_interval``), which is not the cost a user's run pays."""
+    from .run_logging import dense_log_interval
+    return dense_log_interval(50, 50_000 // batch)
+
+
 def lightning_run(model: nn.Module, method: str, data, o: dict, device: torch.device,
                   n_steps: int, warmup: int, counter=None) -> float:
     """Seconds per step of ``SharpnessModule`` under a Lightning ``Trainer``, measured between the
@@ -374,6 +385,8 @@ def lightning_run(model: nn.Module, method: str, data, o: dict, device: torch.de
 
     class Clock(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:   # log as often as a run over the full training set would
+                trainer.log_every_n_steps = cifar_log_interval(o["batch"])
             if batch_idx == warmup:
                 sync(device)
                 marks.append(time.perf_counter())
@@ -454,42 +467,74 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
     return (time.perf_counter() - start) / n_steps
 
 
-def bench_driver(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+def baseline_of(method: str) -> str:
+    """The method a ratio is taken against: AdamW for HATAM (its base), SGD for the rest."""
+    return "adamw" if method == "hatam" else "sgd"
+
+
+def bench_driver(o: dict, device: torch.device,
+                 log: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """Lightning vs the plain loop for every (model, method), interleaved: each round runs every
+    pair once, Lightning then plain, so a slow phase of the machine hits all of them alike.
+
+    Returns the per-pair rows and the end-to-end rows: each method's Lightning step against its
+    baseline's (SGD, or AdamW for HATAM) on the same model, the ratio taken within each round."""
     from .profiling import StepCounter
     import lightning as L
-    rows = []
     warmup, n = o["warmup"], o["driver_steps"]
     channels_last = o["channels_last"] and device.type == "cuda"
+    methods = split(o["driver_methods"])
 
     class Counter(StepCounter, L.pytorch.callbacks.Callback):
         pass
 
+    setups = []
     for model_name in split(o["driver_models"]):
-        for method in split(o["driver_methods"]):
-            data = synthetic_data(warmup + n + 1, o["batch"], channels_last)
+        data = synthetic_data(warmup + n + 1, o["batch"], channels_last)
+        for method in methods:
             torch.manual_seed(0)
             model = build_net(model_name).to(device)
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            lit, plain = [], []
-            for r in range(o["repeats"]):
-                lit.append(lightning_run(model, method, data, o, device, n, warmup))
-                data.trainer = None
-                plain.append(plain_run(model, method, data.train_dataloader(), o, device, n, warmup))
-                log(f"driver: {model_name}/{method} round {r + 1}/{o['repeats']}: "
-                    f"Lightning {1000 * lit[-1]:.0f} ms, plain {1000 * plain[-1]:.0f} ms")
-            counter = Counter()
-            lightning_run(model, method, data, o, device, 1, warmup + 1, counter=counter)
-            ratios = [a / b for a, b in zip(lit, plain)]
-            rows.append({"model": model_name, "method": method, "lightning_ms": 1000 * statistics.median(lit),
-                         "plain_ms": 1000 * statistics.median(plain),
-                         "ratio": statistics.median(ratios), "ratio_min": min(ratios),
-                         "ratio_max": max(ratios),
-                         "lightning_syncs_per_step": max(
-                             (s.syncs for i, s in enumerate(counter.steps)
-                              if i and i not in counter.logging_steps), default=0),
-                         "sync_sites": "; ".join(sorted({k for s in counter.steps for k in s.sync_sites}))})
-    return rows
+            setups.append((model_name, method, model, data))
+    lit = {(m, me): [] for m, me, _, _ in setups}
+    plain = {(m, me): [] for m, me, _, _ in setups}
+    for r in range(o["repeats"]):
+        for model_name, method, model, data in setups:
+            key = (model_name, method)
+            lit[key].append(lightning_run(model, method, data, o, device, n, warmup))
+            data.trainer = None
+            plain[key].append(plain_run(model, method, data.train_dataloader(), o, device, n, warmup))
+            log(f"driver: {model_name}/{method} round {r + 1}/{o['repeats']}: "
+                f"Lightning {1000 * lit[key][-1]:.0f} ms, plain {1000 * plain[key][-1]:.0f} ms")
+    rows = []
+    for model_name, method, model, data in setups:
+        key = (model_name, method)
+        counter = Counter()
+        lightning_run(model, method, data, o, device, 1, warmup + 1, counter=counter)
+        data.trainer = None
+        ratios = [a / b for a, b in zip(lit[key], plain[key])]
+        rows.append({"model": model_name, "method": method,
+                     "lightning_ms": 1000 * statistics.median(lit[key]),
+                     "plain_ms": 1000 * statistics.median(plain[key]),
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios),
+                     "lightning_syncs_per_step": max(
+                         (s.syncs for i, s in enumerate(counter.steps)
+                          if i and i not in counter.logging_steps), default=0),
+                     "sync_sites": "; ".join(sorted({k for s in counter.steps for k in s.sync_sites}))})
+    end_to_end = []
+    for model_name, method, _, _ in setups:
+        base = baseline_of(method)
+        if method == base or (model_name, base) not in lit:
+            continue
+        ours, theirs = lit[(model_name, method)], lit[(model_name, base)]
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        plain_ratios = [a / b for a, b in zip(plain[(model_name, method)], plain[(model_name, base)])]
+        end_to_end.append({"model": model_name, "method": method, "baseline": base,
+                           "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+                           "ratio_max": max(ratios), "plain_ratio": statistics.median(plain_ratios)})
+    return rows, end_to_end
 
 
 # -------------------------------------------------------------------------- pipeline section
@@ -621,6 +666,15 @@ def markdown(o: dict, device: torch.device, results: dict[str, list[dict]], comm
                 f"{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['lightning_syncs_per_step']} |"
                 for r in rows]
         out.append("")
+    rows = results.get("end_to_end")
+    if rows:
+        out += ["End to end (Lightning training step, the path `sharpbench.train` runs) against the "
+                "baseline on the same model, the ratio taken within each round:", "",
+                "| model | method | vs | Lightning ratio [min–max] | plain-loop ratio |",
+                "|---|---|---|---|---|"]
+        out += [f"| {r['model']} | `{r['method']}` | `{r['baseline']}` | {r['ratio']:.3f} "
+                f"[{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['plain_ratio']:.3f} |" for r in rows]
+        out.append("")
     rows = results.get("pipeline")
     if rows:
         out += ["Whole pipeline vs torchvision DataLoader + per-image transforms (plain loop):", "",
@@ -675,6 +729,10 @@ def run(o: dict, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
                      ("pipeline", bench_pipeline), ("compile", bench_compile)):
         if name in sections:
             results[name] = fn(o, device, log)
+    if "driver" in results:
+        results["driver"], results["end_to_end"] = results["driver"]
+        if not results["end_to_end"]:
+            del results["end_to_end"]
     return results
 
 

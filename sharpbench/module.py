@@ -272,27 +272,29 @@ class SharpnessModule(L.LightningModule):
         if not perturbed:  # the epoch's train loss: at the unperturbed weights only
             self._loss_sum = self._loss_sum + loss.double()
             self._loss_count += 1
+        if self.trainer._logger_connector.should_update_logs:
+            self.log_step_values(opt, lr, loss, perturbed)
+        return loss
+
+    def log_step_values(self, opt: torch.optim.Optimizer, lr: float, loss: Tensor,
+                        perturbed: bool | None) -> None:
+        """At logging steps only: Lightning's ``self.log`` costs about a millisecond of Python per
+        call, a visible share of a small model's step, and the logger writes step values only
+        at these steps anyway (the epoch mean is logged from our own sum at epoch end). Logged:
+        the step's loss (``train/loss_step``, at the unperturbed weights), the learning rate, rho
+        where a schedule moves it (GSAM's ``rho_t``), the passes counted so far, and the progress
+        bar's ``loss`` = mean training loss since its last update (the logger reads values back
+        here anyway, so this adds no host sync)."""
         if perturbed is None:
-            # Not on the progress bar: showing a step value there reads it back every batch (a sync).
-            self.log("train/loss", loss, on_step=True, on_epoch=True)
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         else:
-            # A²SAM's one-pass steps only have the loss at w + e: logged apart, so that train/loss
-            # is the loss at the unperturbed weights for every method. Both names every step (NaN
-            # where absent: a name logged on some steps only would repeat its last value), step
-            # values only (an epoch mean over NaN is NaN), under the names the others' steps get.
+            # A²SAM's one-pass steps only have the loss at w + e: logged under its own name, so
+            # that train/loss is the loss at the unperturbed weights for every method (NaN under
+            # the name that does not apply to this step).
             nan = torch.full_like(loss, float("nan"))
             self.log("train/loss_step", nan if perturbed else loss, on_step=True, on_epoch=False)
             self.log("train/loss_perturbed_step", loss if perturbed else nan, on_step=True,
                      on_epoch=False)
-        if self.trainer._logger_connector.should_update_logs:
-            self.log_step_values(opt, lr)
-        return loss
-
-    def log_step_values(self, opt: torch.optim.Optimizer, lr: float) -> None:
-        """At logging steps only (the logger reads the loss back then anyway, so no extra host
-        sync): the learning rate, rho where a schedule moves it (GSAM's ``rho_t``), the passes
-        counted so far, and the progress bar's ``loss`` = mean training loss since its last
-        update."""
         group = opt.param_groups[0]
         self.log("train/lr", float(lr), on_step=True, on_epoch=False)
         if "rho_t" in group:
@@ -350,6 +352,7 @@ class SharpnessModule(L.LightningModule):
         self.check_divergence()
         if self._loss_count:  # one host sync per epoch
             self.train_loss_epoch = float(self._loss_sum) / self._loss_count
+            self.log("train/loss_epoch", self.train_loss_epoch, on_step=False, on_epoch=True)
         hits, seen = self._hits, self._seen
         if self.trainer.world_size > 1:
             pair = torch.stack([torch.as_tensor(hits, device=self.device).double(),

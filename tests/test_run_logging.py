@@ -41,6 +41,10 @@ def test_a_short_run_logs_every_step_its_config_and_finals(compose_cfg, tmp_path
     lrs = log.dropna(subset=["train/lr"])["train/lr"].to_numpy()
     assert lrs[0] == pytest.approx(cfg.optimizer.lr) and lrs[-1] < lrs[0]  # the lr each step used
     assert log["train/acc"].notna().sum() == 2 and record["train_acc"] is not None
+    # the epoch mean, from the module's own sum (Lightning's per-step accumulation is not used)
+    epochs = log.dropna(subset=["train/loss_epoch"])["train/loss_epoch"].to_numpy()
+    assert len(epochs) == 2 and epochs[-1] == pytest.approx(record["train_loss"])
+    assert epochs[0] == pytest.approx(steps["train/loss_step"].to_numpy()[:4].mean(), rel=1e-5)
     # timing: training and evaluation apart, both recorded
     assert record["eval_time_s"] > 0 and len(record["eval_times_s"]) == 2
     assert record["wall_time_s"] == pytest.approx(sum(record["epoch_times_s"]))
@@ -77,3 +81,31 @@ def test_wandb_run_gets_the_config_and_the_final_numbers(tmp_path, monkeypatch):
     assert run.summary["status"] == "completed"
     assert finished  # closed, so a sweep's next job starts its own W&B run
     real_finish()
+
+
+def test_lightning_log_is_called_on_logging_steps_only(compose_cfg, tmp_path, monkeypatch):
+    """``LightningModule.log`` costs about a millisecond of Python a call: off logging steps the
+    training step makes none (a 391-step CIFAR epoch logs every 19 steps)."""
+    from sharpbench.module import SharpnessModule
+    calls = []
+    original = SharpnessModule.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if self.trainer.training and not self.trainer.sanity_checking:
+            calls.append((self.global_step, name))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(SharpnessModule, "log", counting_log)
+    cfg = compose_cfg(["experiment=smoke", "optimizer=sam", "trainer.max_epochs=1",
+                       "trainer.log_every_n_steps=3", "dataset.train_subset=512",
+                       "dataset.batch_size=8", "dataset.test_subset=64",
+                       "trainer.enable_progress_bar=false"])
+    train(cfg, tmp_path, [])
+    per_step = {}
+    for step, name in calls:
+        per_step.setdefault(step, []).append(name)
+    step_names = {s: n for s, n in per_step.items() if "train/loss_step" in n}
+    assert sorted(step_names) == list(range(3, 64, 3))  # 64 steps, logged every 3rd
+    assert sorted(per_step) == sorted(step_names) + [64]   # + the epoch-end values
+    assert all(set(n) <= {"train/loss_step", "train/lr", "train/passes", "loss", "train/time_s"}
+               for n in step_names.values()), step_names

@@ -104,14 +104,17 @@ def test_no_host_sync_in_a_lightning_training_step(method, tmp_path, monkeypatch
     assert all(not sites for sites in regular.values()), regular
 
 
-def test_compiled_model_keeps_one_graph_across_passes_and_steps():
-    """BatchNorm's frozen second pass changes no module attribute, so dynamo compiles the
-    forward once: no recompilation between SAM's two passes or between steps."""
+@pytest.mark.parametrize("bn_policy", ["first_pass", "both_passes", "momentum_zero"])
+def test_compiled_model_keeps_one_graph_across_passes_and_steps(bn_policy):
+    """No BatchNorm policy changes a module attribute between passes (frozen statistics and
+    "momentum 0" are saved and restored buffers), so dynamo compiles the forward once: no
+    recompilation between SAM's two passes or between steps."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     h = StepHarness("sam", "tiny_cnn", 8, torch.device("cpu"), compile=True,
-                    compile_backend="eager")   # dynamo's guards, without inductor's compile time
+                    compile_backend="eager",   # dynamo's guards, without inductor's compile time
+                    bn_policy=bn_policy)
     for _ in range(3):
         h.step()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -46,7 +46,13 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 
     No module attribute changes (the older way, switching ``track_running_stats`` off, changed one
     that ``torch.compile`` guards on, so a compiled model recompiled for the second pass)."""
-    buffers, saved = _bn_snapshot(model)
+    with _restored(*_bn_snapshot(model, counters=True)):
+        yield
+
+
+@contextmanager
+def _restored(buffers: list[Tensor], saved: list[Tensor]) -> Iterator[None]:
+    """Copy ``buffers`` into ``saved`` before the block and back after it."""
     if not buffers:
         yield
         return
@@ -62,36 +68,36 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
             torch._foreach_copy_(buffers, saved)
 
 
-_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, tuple[list, list, list]]" = weakref.WeakKeyDictionary()
+_SNAPSHOTS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _bn_snapshot(model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
-    """The running-statistics buffers of ``model``'s BatchNorm layers (as ``.data`` aliases) and
+def _bn_snapshot(model: nn.Module, counters: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """The running-statistics buffers of ``model``'s BatchNorm layers (``running_mean``,
+    ``running_var``, and ``num_batches_tracked`` if ``counters``), as ``.data`` aliases, and
     same-shaped spares to save them in (allocated once per model, again if the buffers were
     replaced or moved)."""
-    buffers = [b for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    cached = _SNAPSHOTS.get(model)
+    names = ("running_mean", "running_var") + (("num_batches_tracked",) if counters else ())
+    buffers = [b for m in _tracking_layers(model) for b in (getattr(m, n) for n in names)
+               if b is not None]
+    per_model = _SNAPSHOTS.setdefault(model, {})
+    cached = per_model.get(counters)
     if (cached is None or len(cached[0]) != len(buffers)
             or any(a is not b for a, b in zip(cached[0], buffers))):
-        cached = _SNAPSHOTS[model] = (buffers, [b.data for b in buffers],
-                                      [torch.empty_like(b) for b in buffers])
+        cached = per_model[counters] = (buffers, [b.data for b in buffers],
+                                        [torch.empty_like(b) for b in buffers])
     return cached[1], cached[2]
 
 
 @contextmanager
 def zero_momentum_bn(model: nn.Module) -> Iterator[None]:
-    """Inside the block, BatchNorm layers run with ``momentum = 0``: running statistics keep their
-    values, ``num_batches_tracked`` is still incremented (the davda54/sam convention)."""
-    layers = _tracking_layers(model)
-    saved = [m.momentum for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
+    """Inside the block, BatchNorm layers behave as with ``momentum = 0`` (the davda54/sam
+    convention): ``running_mean``/``running_var`` keep their values, ``num_batches_tracked`` is
+    still incremented. Done by saving and restoring the two statistics (two ``_foreach_copy_``),
+    not by setting ``momentum``: that is a module attribute ``torch.compile`` guards on, so
+    flipping it would recompile the model for every later pass. The result is the same bits:
+    with momentum 0 the update is ``1·running + 0·batch``."""
+    with _restored(*_bn_snapshot(model, counters=False)):
         yield
-    finally:
-        for m, momentum in zip(layers, saved):
-            m.momentum = momentum
 
 
 def check_bn_policy(policy: str) -> str:

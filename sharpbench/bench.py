@@ -750,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lightning", "lightning.pytorch", "lightning.pytorch.utilities.rank_zero",
                  "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings   # the bench's epochs are short on purpose; Lightning's advice is noise here
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     device = torch.device(o["device"])
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     log(header(o, device))

@@ -101,8 +101,10 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
     config = run_config(checkpoint, run_dir)
     data = build_data(config, data_root, eval_batch_size)
     module = SharpnessModule.load_from_checkpoint(file, map_location="cpu", weights_only=False)
+    from .run_logging import EvalProgressBar
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_bar,
+                        callbacks=[EvalProgressBar()] if progress_bar else [],  # "Test", not "Validation"
                         precision="32-true", default_root_dir=str(run_dir))
     started = time.time()
     trainer.validate(module, datamodule=data, verbose=False)

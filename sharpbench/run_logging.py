@@ -7,16 +7,19 @@
 - ``log_hyperparameters``: the resolved config as hyperparameters (CSV/TensorBoard
   ``hparams.yaml``, W&B run config), before training;
 - ``finish_loggers``: metrics.json's final numbers in the TensorBoard HPARAMS tab and the W&B run
-  summary, then the W&B run is closed (a sweep's next job starts its own run).
+  summary, then the W&B run is closed (a sweep's next job starts its own run);
+- ``abort_loggers``: a run that raised closes its W&B run as failed.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Iterable
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 POINTS_PER_EPOCH = 20
+log = logging.getLogger(__name__)
 
 
 def dense_log_interval(configured: int, steps_per_epoch: int) -> int:
@@ -79,3 +82,18 @@ def finish_loggers(loggers: Iterable, record: dict[str, Any], config: dict[str, 
             if hasattr(run, "summary"):  # rank zero only (a dummy elsewhere)
                 run.summary.update({**numbers, "status": record.get("status")})
                 run.finish()
+
+
+def abort_loggers(loggers: Iterable) -> None:
+    """A run that raised: close its W&B run as failed (exit code 1) instead of leaving it
+    "running" on the server; errors while closing are logged, not raised over the original."""
+    for logger in loggers:
+        if _kind(logger) != "WandbLogger":
+            continue
+        try:
+            run = logger.experiment
+            if hasattr(run, "finish"):
+                run.finish(exit_code=1)
+        except Exception as err:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not close the W&B run: %s", err)
+

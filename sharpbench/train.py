@@ -32,7 +32,7 @@ from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
 from .record import RunTimer, build_record, config_hash
 from .run_identity import identity, settle
-from .run_logging import finish_loggers, log_hyperparameters
+from .run_logging import abort_loggers, finish_loggers, log_hyperparameters
 from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
 from .sharpness.monitor import build_monitor
 from .sweep_dirs import register_resolver
@@ -66,6 +66,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         log_every_n_steps=t.log_every_n_steps, deterministic=t.get("deterministic", False),
         enable_progress_bar=t.get("enable_progress_bar", True), enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(run_dir),
+        # Lightning evaluates under no_grad during fit but under inference_mode in test(); a
+        # compiled forward guards on that, so it would compile a third graph for the test pass.
+        inference_mode=not bool(t.get("compile", False)),
         logger=build_loggers(cfg.logger, run_dir, resume_step),
         callbacks=[timer, last, StopAtSafePoint(), *bar, *build_monitor(cfg, run_dir)], enable_checkpointing=True,
         plugins=[checkpoint_io or AtomicCheckpointIO()])
@@ -140,6 +143,9 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         except DivergenceError as err:
             status, error = "diverged", str(err)
             log.error("%s", err)
+        except BaseException:
+            abort_loggers(trainer.loggers)  # a W&B run is closed as failed, not left running
+            raise
     if status == "completed" and trainer.interrupted:
         status = "interrupted"
     record = build_record(cfg_summary=summary(cfg), module=module, timer=timer, trainer=trainer,

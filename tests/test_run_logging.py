@@ -109,3 +109,38 @@ def test_lightning_log_is_called_on_logging_steps_only(compose_cfg, tmp_path, mo
     assert sorted(per_step) == sorted(step_names) + [64]   # + the epoch-end values
     assert all(set(n) <= {"train/loss_step", "train/lr", "train/passes", "loss", "train/time_s"}
                for n in step_names.values()), step_names
+
+
+def test_a_run_that_raises_closes_its_wandb_run_as_failed(compose_cfg, tmp_path, monkeypatch):
+    """An unexpected error inside fit: the W&B run is finished with exit code 1, then the error
+    propagates (it was left "running")."""
+    import sharpbench.train as train_module
+    finished = []
+
+    class WandbLogger:                      # what run_logging recognises, by class name
+        def __init__(self):
+            self.experiment = SimpleNamespace(finish=lambda exit_code=0: finished.append(exit_code))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    from sharpbench.run_logging import abort_loggers
+    abort_loggers([WandbLogger(), object()])
+    assert finished == [1]
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    real_build = train_module.build_trainer
+
+    def build_with_fake_wandb(*args, **kwargs):
+        trainer = real_build(*args, **kwargs)
+        trainer.fit = broken_fit
+        monkeypatch.setattr(type(trainer), "loggers", property(lambda self: [WandbLogger()]))
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", build_with_fake_wandb)
+    cfg = compose_cfg(["experiment=smoke", "trainer.enable_progress_bar=false"])
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg, tmp_path, [])
+    assert finished == [1, 1]

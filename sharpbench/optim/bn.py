@@ -13,7 +13,7 @@ uses in eval mode. Policies:
   running statistics between passes. (ImbSAM's closure here runs two forwards at ``w``, head and
   tail, where the authors' code back-propagates both from one forward; with ``both_passes`` the
   batch at ``w`` is therefore counted twice here.)
-- ``momentum_zero``: later passes run with ``momentum = 0``, as davda54/sam
+- ``momentum_zero``: later passes behave as with ``momentum = 0``, as davda54/sam
   (``example/utility/bypass_bn.py``) and nblt/F-SAM (``train.py``) do with their
   ``disable_running_stats`` (juntang-zhuang/GSAM's ``step`` calls a helper of that name from its
   ``gsam/util.py`` before the second pass): the statistics keep their values but

@@ -31,7 +31,8 @@ from .models import build_model
 from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
 from .record import RunTimer, build_record, config_hash
-from .run_identity import identity, settle
+from . import hydra_record
+from .run_identity import IdentityMismatch, identity, settle
 from .run_logging import abort_loggers, finish_loggers, log_hyperparameters
 from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
 from .sharpness.monitor import build_monitor
@@ -85,16 +86,28 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     started = time.time()
     overrides = list(overrides or [])
     checks.check_config(cfg)  # every key against the schema, before anything else reads it
-    settled = settle(cfg, Path(run_dir))
+    try:
+        settled = settle(cfg, Path(run_dir))
+    except IdentityMismatch:
+        hydra_record.restore(Path(run_dir))  # the folder's .hydra/ describes its own run again
+        raise
     if settled.skip is not None:
+        hydra_record.restore(settled.run_dir, warn=False)
         log.info("skipping %s: already completed (metrics.json, same config)", settled.run_dir)
         return settled.skip
 
-    with lifecycle.claim_folder(settled.run_dir):
-        try:
-            return _train(cfg, settled, overrides, started)
-        except lifecycle.Interrupted as stop:  # before training began (data, model): no checkpoint
-            return lifecycle.record_early_stop(summary(cfg), settled, overrides, stop.signum)
+    try:
+        with lifecycle.claim_folder(settled.run_dir):
+            if settled.run_dir != Path(run_dir):  # on_config_change=new_folder
+                hydra_record.move(Path(run_dir), settled.run_dir)
+            hydra_record.accept(settled.run_dir)
+            try:
+                return _train(cfg, settled, overrides, started)
+            except lifecycle.Interrupted as stop:  # before training began (data, model): no checkpoint
+                return lifecycle.record_early_stop(summary(cfg), settled, overrides, stop.signum)
+    except lifecycle.RunFolderBusy:  # the folder is another process's: its record is put back
+        hydra_record.restore(settled.run_dir)
+        raise
 
 
 def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> dict[str, Any]:

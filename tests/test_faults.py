@@ -515,3 +515,37 @@ def test_home_in_dataset_root_is_expanded_for_reading_and_cache(tmp_path, monkey
     data.setup("fit")
     assert (tmp_path / "home" / "x" / ".sharpbench_cache").is_dir()
     assert not (tmp_path / "~").exists()
+
+
+# ------------------------------------------------------------ the folder's Hydra record
+def hydra_files(run, text):
+    """What Hydra writes into the job folder before sharpbench sees the config."""
+    (run / ".hydra").mkdir(exist_ok=True)
+    for name in ("config.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"{name}: {text}\n")
+
+
+def test_a_refused_command_leaves_the_folders_hydra_record_alone(finished):
+    run, _, _ = finished
+    hydra_files(run, "the run that lives here")
+    from sharpbench import hydra_record
+    hydra_record.accept(run)                       # as when that run was accepted
+    hydra_files(run, "a refused command")          # Hydra, for the next command
+    with pytest.raises(IdentityMismatch):
+        train(cfg("optimizer.lr=0.5", "ckpt_path=last"), run)
+    assert (run / ".hydra" / "config.yaml").read_text() == "config.yaml: the run that lives here\n"
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "overrides.yaml: the run that lives here\n"
+
+
+def test_a_moved_run_takes_its_hydra_record_and_a_new_run_keeps_one(finished, tmp_path):
+    run, _, _ = finished
+    hydra_files(run, "the original")
+    from sharpbench import hydra_record
+    hydra_record.accept(run)
+    hydra_files(run, "the new config")
+    rec = train(cfg("optimizer.lr=0.5", "trainer.max_epochs=1", "ckpt_path=last",
+                    "on_config_change=new_folder"), run)
+    fresh = run.with_name(f"run+{rec['config_hash'][:8]}")
+    assert (fresh / ".hydra" / "config.yaml").read_text() == "config.yaml: the new config\n"
+    assert (fresh / ".hydra" / "accepted" / "config.yaml").read_text() == "config.yaml: the new config\n"
+    assert (run / ".hydra" / "config.yaml").read_text() == "config.yaml: the original\n"

@@ -7,7 +7,7 @@ CONSTRAINTS ?= requirements/constraints.txt
 # PyTorch's CPU-only wheels (Linux/Windows; PyPI's Linux torch pulls the CUDA libraries, ~6 GB)
 CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-cpu test test-slow train eval smoke table1 table1-full table1-smoke report clean
+.PHONY: install install-cpu test test-slow train eval smoke table1 table1-full table1-smoke report bench clean
 
 install:  ## create .venv; install sharpbench (editable, dev extras) at the verified versions
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,9 @@ table1-smoke:  ## the same sweep shrunk for CPU (tiny CNN, synthetic data, 1 epo
 
 report:  ## rebuild a sweep's report: make report [DIR=outputs/sweeps/table1] (default: the latest sweep) [ARGS="--first-epochs 10 20"]
 	$(BIN)/python -m sharpbench.report $(DIR) $(ARGS)
+
+bench:  ## speed benchmark, every method, ResNet-18 (about 30 min on a 2-core CPU): make bench ARGS="model=tiny_cnn"
+	$(BIN)/sharpbench bench $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

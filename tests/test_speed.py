@@ -37,6 +37,22 @@ def test_ops_per_step_do_not_grow_with_parameter_tensors(method):
     assert few[0] <= 40, few   # a handful of foreach calls, not a loop
 
 
+@pytest.mark.parametrize("method", ["ssam_f", "ssam_d"])
+def test_mask_refresh_steps_do_not_grow_with_parameter_tensors_or_sync(method):
+    """SSAM's amortised mask refresh (closures excluded): masks, scores and |g| live in flat
+    buffers, and SSAM-D knows its mask's size without reading it back."""
+    from sharpbench.bench import step_counts
+    out = {}
+    for layers in (1, 12):
+        h = StepHarness(method, f"mlp{layers}", 8, torch.device("cpu"))
+        if hasattr(h.opt, "num_samples"):
+            h.opt.num_samples = 8
+        counts = step_counts(h, 11)
+        assert counts["refresh_steps"] == 3 and counts["refresh_syncs"] == 0, counts
+        out[layers] = counts["refresh_ops"]
+    assert out[1] == out[12] <= 60, out
+
+
 def test_counter_sees_scalar_reads_and_copies():
     t = torch.ones(3)
     with count_dispatch() as c:

@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .base import (SharpnessAwareOptimizer, check_positive, global_grad_norm, require_closure,
-                   scaled)
+from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer, flat_state,
+                   global_grad_norm, require_closure, scaled)
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -142,14 +142,43 @@ class SparseSAM(SharpnessAwareOptimizer):
         return torch.cat([t.reshape(-1).to(device) for t in tensors])
 
     @torch.no_grad()
-    def _set_masks(self, flat_mask: Tensor) -> None:
-        """Split a flat bool mask over the parameters and store it (in each parameter's dtype)."""
+    def _set_masks(self, flat_mask: Tensor, active: int | None = None) -> None:
+        """Store a flat bool mask as every parameter's mask (in its dtype). The masks are the
+        views of one flat buffer when the parameters share a dtype and device, so storing one
+        is a single copy and reading them back flat costs nothing. ``active``: the number of
+        ones, when the caller knows it (kept so that the next refresh need not count them on
+        the device and read the count back)."""
+        self.method_state["mask_active"] = active
+        params = self.all_params()
+        buf = flat_state(self.state, self._buffers, "mask", params)
+        if buf is None and FlatBuffer.fits(params):
+            buf = self._buffers["mask"] = FlatBuffer(params)
+            for p, view in zip(params, buf.views):
+                self.state[p]["mask"] = view
+        if buf is not None:
+            buf.flat.copy_(flat_mask)
+            return
         offset = 0
-        for p in self.all_params():
+        for p in params:
             n = p.numel()
             self.state[p]["mask"] = (flat_mask[offset:offset + n].view_as(p)
                                      .to(device=p.device, dtype=p.dtype))
             offset += n
+
+    def _flat_masks(self, params: list[Tensor]) -> Tensor:
+        """The current mask as one flat bool vector."""
+        buf = flat_state(self.state, self._buffers, "mask", params)
+        if buf is not None:
+            return buf.flat.bool()
+        return self._flat([self.state[p]["mask"] for p in params]).bool()
+
+    def _flat_abs_grads(self, params: list[Tensor]) -> Tensor:
+        """``|g|`` of every parameter as one flat vector (zeros where a gradient is missing)."""
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads) and FlatBuffer.fits(grads):
+            return flat_buffer(self._buffers, "grad", grads).load(grads).flat.abs()
+        return self._flat([g.detach().abs() if g is not None else torch.zeros_like(p)
+                           for g, p in zip(grads, params)])
 
     @torch.no_grad()
     def _top_k_mask(self, scores: Tensor, k: int) -> Tensor:
@@ -259,9 +288,15 @@ class SSAMF(SparseSAM):
 
     @torch.no_grad()
     def fisher_diagonal(self, fisher_closure: FisherClosure) -> list[Tensor]:
-        """Estimate of ``F`` for every parameter (``self.all_params()`` order)."""
+        """Estimate of ``F`` for every parameter (``self.all_params()`` order): views of one flat
+        buffer that the next call overwrites (copy them to keep them)."""
         params = self.all_params()
-        acc = [torch.zeros_like(p) for p in params]
+        if FlatBuffer.fits(params):   # one zero_ and one foreach op per chunk, flat for the top-k
+            buf = flat_buffer(self._buffers, "fisher", params)
+            buf.flat.zero_()
+            acc = buf.views
+        else:
+            acc = [torch.zeros_like(p) for p in params]
         seen = 0
         while seen < self.num_samples:
             with torch.enable_grad():
@@ -272,20 +307,22 @@ class SSAMF(SparseSAM):
                 if len(sums) != len(params):
                     raise ValueError(f"fisher_closure returned {len(sums)} tensors; expected one "
                                      f"per optimizer parameter ({len(params)})")
-                for a, s_ in zip(acc, sums):
-                    a.add_(s_)
+                torch._foreach_add_(acc, list(sums))
             else:
                 n = out
-                for a, p in zip(acc, params):
-                    if p.grad is not None:
-                        a.addcmul_(p.grad, p.grad, value=float(int(n)))
+                have = [i for i, p in enumerate(params) if p.grad is not None]
+                grads = [params[i].grad for i in have]
+                if grads:
+                    torch._foreach_addcmul_([acc[i] for i in have], grads, grads,
+                                            value=float(int(n)))
             n = int(n)
             if n <= 0:
                 raise ValueError(f"fisher_closure must report the number of samples it used (> 0), "
                                  f"got {n}")
             seen += n
         self.zero_grad()
-        return [a.div_(seen) for a in acc]
+        torch._foreach_div_(acc, float(seen))
+        return acc
 
     @torch.no_grad()
     def refresh_mask(self, fisher_closure: FisherClosure | None) -> None:
@@ -298,8 +335,11 @@ class SSAMF(SparseSAM):
                 "of training samples (or back-propagates their mean NLL and returns their "
                 f"count); it is called until {self.num_samples} samples are seen, every "
                 f"{self.refresh_period} steps")
-        scores = self._flat(self.fisher_diagonal(fisher_closure))
-        self._set_masks(self._top_k_mask(scores, self.num_active))
+        diagonal = self.fisher_diagonal(fisher_closure)
+        buf = self._buffers.get("fisher")
+        scores = (buf.flat if buf is not None and len(buf.views) == len(diagonal)
+                  and all(a is b for a, b in zip(buf.views, diagonal)) else self._flat(diagonal))
+        self._set_masks(self._top_k_mask(scores, self.num_active), active=self.num_active)
         t = self.steps_taken
         for p in self.all_params():
             self.state[p]["mask_step"] = t
@@ -309,7 +349,7 @@ class SSAMF(SparseSAM):
         if self.refresh_timing == "next_step":
             if "mask" not in self.state[params[0]]:
                 self._set_masks(torch.zeros(self.num_params, dtype=torch.bool,
-                                            device=params[0].device))
+                                            device=params[0].device), active=0)
             return
         if self.refresh_due() and self.state[params[0]].get("mask_step") != self.steps_taken:
             raise RuntimeError(
@@ -416,7 +456,7 @@ class SSAMD(SparseSAM):
         d = self.num_params
         k = d - math.ceil(d * self.sparsity) if self.mask_rounding == "floor" else self.num_active
         scores = torch.rand(d, generator=self._generator(-1, device), device=device)
-        self._set_masks(self._top_k_mask(scores, k))
+        self._set_masks(self._top_k_mask(scores, k), active=min(k, d))
 
     def _keep_and_grow(self, n_active: int, d: int, rate: float) -> tuple[int, int]:
         """How many active coordinates stay and how many inactive ones join."""
@@ -433,8 +473,10 @@ class SSAMD(SparseSAM):
         """Drop the smallest-|g| active coordinates, grow random inactive ones."""
         params = self.all_params()
         device = params[0].device
-        active = self._flat([self.state[p]["mask"] for p in params]).bool()
-        n_active = int(active.sum().item())
+        active = self._flat_masks(params)
+        n_active = self.method_state.get("mask_active")
+        if n_active is None:  # masks set by hand or by an older sharpbench: count them (one read)
+            n_active = int(active.sum().item())
         n_keep, n_grow = self._keep_and_grow(n_active, active.numel(),
                                              self.drop_rate_at(self.steps_taken))
         n_drop = n_active - n_keep
@@ -442,8 +484,7 @@ class SSAMD(SparseSAM):
             return
         new = active.clone()
         if n_drop > 0:
-            grad_abs = self._flat([p.grad.detach().abs() if p.grad is not None
-                                   else torch.zeros_like(p) for p in params])
+            grad_abs = self._flat_abs_grads(params)
             drop_scores = grad_abs.masked_fill(~active, math.inf)
             new[torch.topk(drop_scores, n_drop, largest=False, sorted=False).indices] = False
         if n_grow > 0:
@@ -451,7 +492,8 @@ class SSAMD(SparseSAM):
                                      generator=self._generator(self.steps_taken, device),
                                      device=device).masked_fill(active, -1.0)
             new[torch.topk(grow_scores, n_grow, sorted=False).indices] = True
-        self._set_masks(new)
+        # the dropped coordinates were active (inactive ones scored +inf), the grown ones not
+        self._set_masks(new, active=n_keep + n_grow)
 
     def _before_perturbation(self) -> None:
         if not self.masks():

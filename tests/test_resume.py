@@ -41,15 +41,24 @@ def final_state(run_dir):
 
 
 def start_and_kill(run_dir, kill_after_step, *overrides):
-    """Start a run, SIGKILL it once a checkpoint at >= kill_after_step exists (mid-epoch 2)."""
+    """Start a run, SIGKILL it once a checkpoint at >= kill_after_step exists (mid-epoch 2).
+
+    Each new checkpoint file is read with the run frozen (SIGSTOP), so a fast machine cannot run
+    on to the epoch's end between the check and the kill; a younger checkpoint: SIGCONT."""
     cmd, env = cli(run_dir, *overrides)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
+    seen = None
     while time.time() < deadline and proc.poll() is None:
-        if last.exists() and ckpt_step(last) >= kill_after_step:
-            break
-        time.sleep(0.2)
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp is not None and stamp != seen:
+            proc.send_signal(signal.SIGSTOP)
+            seen = last.stat().st_mtime_ns
+            if ckpt_step(last) >= kill_after_step:
+                break
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -659,43 +659,42 @@ def markdown(o: dict, device: torch.device, results: dict[str, list[dict]], comm
         if sites:
             out += ["", "Host syncs (all on refresh steps unless the syncs/step column says otherwise):", *sites]
         out.append("")
-    rows = results.get("driver")
-    if rows:
-        out += ["Lightning training step vs a plain loop (same DeviceLoader, model, optimizer):", "",
-                "| model | method | Lightning ms/step | plain loop ms/step | ratio [min–max] | Lightning syncs/step |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| {r['model']} | `{r['method']}` | {r['lightning_ms']:.1f} | {r['plain_ms']:.1f} | "
-                f"{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['lightning_syncs_per_step']} |"
-                for r in rows]
-        out.append("")
-    rows = results.get("end_to_end")
-    if rows:
-        out += ["End to end (Lightning training step, the path `sharpbench.train` runs) against the "
-                "baseline on the same model, the ratio taken within each round:", "",
-                "| model | method | vs | Lightning ratio [min–max] | plain-loop ratio |",
-                "|---|---|---|---|---|"]
-        out += [f"| {r['model']} | `{r['method']}` | `{r['baseline']}` | {r['ratio']:.3f} "
-                f"[{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['plain_ratio']:.3f} |" for r in rows]
-        out.append("")
-    rows = results.get("pipeline")
-    if rows:
-        out += ["Whole pipeline vs torchvision DataLoader + per-image transforms (plain loop):", "",
-                "| model | method | sharpbench ms/step | DataLoader ms/step (workers) | ratio [min–max] |",
-                "|---|---|---|---|---|"]
-        out += [f"| {r['model']} | `{r['method']}` | {r['sharpbench_ms']:.1f} | {r['dataloader_ms']:.1f} "
-                f"({r['loader_workers']}) | {r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] |"
-                for r in rows]
-        out.append("")
-    rows = results.get("compile")
-    if rows:
-        out += [f"torch.compile (model forward, {o['compile_model'] or o['model']}) vs eager:", "",
-                "| method | eager ms/step | compiled ms/step | compiled/eager [min–max] | compile warm-up s | graphs after warm-up → after timing |",
-                "|---|---|---|---|---|---|"]
-        out += [f"| `{r['method']}` | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.3f} "
-                f"[{r['ratio_min']:.3f}–{r['ratio_max']:.3f}] | {r['warmup_s']:.0f} | "
-                f"{r['graphs_after_warmup']} → {r['graphs_after_timing']} |" for r in rows]
-        out.append("")
+    spread = lambda r: f"{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}]"  # noqa: E731
+    out += table(results.get("driver"),
+                 "Lightning training step vs a plain loop (same DeviceLoader, model, optimizer):",
+                 ["model", "method", "Lightning ms/step", "plain loop ms/step", "ratio [min–max]",
+                  "Lightning syncs/step"],
+                 lambda r: [r["model"], f"`{r['method']}`", f"{r['lightning_ms']:.1f}",
+                            f"{r['plain_ms']:.1f}", spread(r), r["lightning_syncs_per_step"]])
+    out += table(results.get("end_to_end"),
+                 "End to end (Lightning training step, the path `sharpbench.train` runs) against the "
+                 "baseline on the same model, the ratio taken within each round:",
+                 ["model", "method", "vs", "Lightning ratio [min–max]", "plain-loop ratio"],
+                 lambda r: [r["model"], f"`{r['method']}`", f"`{r['baseline']}`", spread(r),
+                            f"{r['plain_ratio']:.3f}"])
+    out += table(results.get("pipeline"),
+                 "Whole pipeline vs torchvision DataLoader + per-image transforms (plain loop):",
+                 ["model", "method", "sharpbench ms/step", "DataLoader ms/step (workers)",
+                  "ratio [min–max]"],
+                 lambda r: [r["model"], f"`{r['method']}`", f"{r['sharpbench_ms']:.1f}",
+                            f"{r['dataloader_ms']:.1f} ({r['loader_workers']})", spread(r)])
+    out += table(results.get("compile"),
+                 f"torch.compile (model forward, {o['compile_model'] or o['model']}) vs eager:",
+                 ["method", "eager ms/step", "compiled ms/step", "compiled/eager [min–max]",
+                  "compile warm-up s", "graphs after warm-up → after timing"],
+                 lambda r: [f"`{r['method']}`", f"{r['eager_ms']:.1f}", f"{r['compiled_ms']:.1f}",
+                            spread(r), f"{r['warmup_s']:.0f}",
+                            f"{r['graphs_after_warmup']} → {r['graphs_after_timing']}"])
     return "\n".join(out)
+
+
+def table(rows: list[dict] | None, caption: str, header: list[str],
+          cells: Callable[[dict], list]) -> list[str]:
+    """A captioned Markdown table (and a blank line), one row per result; nothing without rows."""
+    if not rows:
+        return []
+    return [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows), ""]
 
 
 def write_atomic(path: Path, text: str) -> None:

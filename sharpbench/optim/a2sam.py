@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from ..curvature import HessianOperator, lanczos
-from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, check_positive,
-                   flat_buffer, flat_state, require_closure, scaled)
+from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, bind_views,
+                   check_positive, flat_buffer, flat_state, new_flat_state, require_closure,
+                   scaled)
 from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
 
@@ -215,9 +216,7 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
             matrix = self._eigvec_matrix(params)
             if matrix is None or matrix.shape != V.shape or matrix.dtype != V.dtype:
                 blocks = list(V.detach().split([p.numel() for p in params]))
-                buf = self._buffers["eigvecs"] = FlatBuffer(blocks)
-                for p, view in zip(params, buf.views):
-                    self.state[p]["eigvecs"] = view
+                buf = new_flat_state(self.state, self._buffers, "eigvecs", params, like=blocks)
                 matrix = buf.flat.view(V.shape)
             matrix.copy_(V.detach())
         return loss.detach()
@@ -313,8 +312,7 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
         if isinstance(kept, FlatBuffer):
             previous = self._buffers.get("stale_grad")
             self._buffers["stale_grad"], self._buffers["stale_spare"] = kept, previous
-            for p, view in zip(params, kept.views):
-                self.state[p]["stale_grad"] = view
+            bind_views(self.state, "stale_grad", params, kept)
             if previous is None:
                 self._buffers.pop("stale_spare")
             return

@@ -269,6 +269,10 @@ class FlatBuffer:
         return bool(like) and all(t.dtype == like[0].dtype and t.device == like[0].device
                                   for t in like)
 
+    def holds(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` are this buffer's views (the very objects, in order)."""
+        return len(tensors) == len(self.views) and all(a is b for a, b in zip(self.views, tensors))
+
     def matches(self, like: list[Tensor]) -> bool:
         return (len(like) == len(self.shapes) and self.flat.dtype == like[0].dtype
                 and self.flat.device == like[0].device
@@ -300,15 +304,26 @@ def flat_state(state: dict, cache: dict, key: str, params: list[Tensor]) -> Flat
     if not current or any(t is None for t in current):
         return None
     buf = cache.get(key)
-    if (buf is not None and len(buf.views) == len(current)
-            and all(a is b for a, b in zip(buf.views, current))):
+    if buf is not None and buf.holds(current):
         return buf
     if not FlatBuffer.fits(current):
         return None
-    buf = cache[key] = FlatBuffer(current).load(current)
+    return new_flat_state(state, cache, key, params, like=current).load(current)
+
+
+def new_flat_state(state: dict, cache: dict, key: str, params: list[Tensor],
+                   like: list[Tensor] | None = None) -> FlatBuffer:
+    """A new ``FlatBuffer`` shaped like ``like`` (default: ``params``), cached under ``key``, whose
+    views become ``state[p][key]`` (uninitialised: the caller fills ``.flat``)."""
+    buf = cache[key] = FlatBuffer(list(params if like is None else like))
+    bind_views(state, key, params, buf)
+    return buf
+
+
+def bind_views(state: dict, key: str, params: list[Tensor], buf: FlatBuffer) -> None:
+    """``state[p][key] = `` the buffer's view for ``p``, for every ``p`` in ``params``."""
     for p, view in zip(params, buf.views):
         state[p][key] = view
-    return buf
 
 
 def global_grad_norm(grads: list[Tensor], ord: float = 2.0) -> Tensor:

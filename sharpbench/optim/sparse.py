@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer, flat_state,
-                   global_grad_norm, require_closure, scaled)
+                   global_grad_norm, new_flat_state, require_closure, scaled)
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -152,9 +152,7 @@ class SparseSAM(SharpnessAwareOptimizer):
         params = self.all_params()
         buf = flat_state(self.state, self._buffers, "mask", params)
         if buf is None and FlatBuffer.fits(params):
-            buf = self._buffers["mask"] = FlatBuffer(params)
-            for p, view in zip(params, buf.views):
-                self.state[p]["mask"] = view
+            buf = new_flat_state(self.state, self._buffers, "mask", params)
         if buf is not None:
             buf.flat.copy_(flat_mask)
             return
@@ -337,8 +335,7 @@ class SSAMF(SparseSAM):
                 f"{self.refresh_period} steps")
         diagonal = self.fisher_diagonal(fisher_closure)
         buf = self._buffers.get("fisher")
-        scores = (buf.flat if buf is not None and len(buf.views) == len(diagonal)
-                  and all(a is b for a, b in zip(buf.views, diagonal)) else self._flat(diagonal))
+        scores = buf.flat if buf is not None and buf.holds(diagonal) else self._flat(diagonal)
         self._set_masks(self._top_k_mask(scores, self.num_active), active=self.num_active)
         t = self.steps_taken
         for p in self.all_params():

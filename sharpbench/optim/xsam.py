@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..curvature import HessianOperator, params_to_vector, power_iteration
 from .base import (FlatBuffer, HessianCounters, flat_buffer, flat_state, global_grad_norm,
-                   require_closure)
+                   new_flat_state, require_closure)
 from .eigen_record import EigenSolveRecord
 from .sam import SAM
 
@@ -162,9 +162,7 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
         self.method_state["eigval"] = lam.detach()
         buf = flat_state(self.state, self._buffers, "eigvec", params)
         if buf is None or buf.flat.shape != v.shape or buf.flat.dtype != v.dtype:
-            buf = self._buffers["eigvec"] = FlatBuffer(list(params))
-            for p, view in zip(params, buf.views):
-                self.state[p]["eigvec"] = view
+            buf = new_flat_state(self.state, self._buffers, "eigvec", params)
         buf.flat.copy_(v.detach())
 
     @torch.no_grad()

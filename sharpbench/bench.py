@@ -24,7 +24,7 @@ Sections (``sections=optim,driver,pipeline,compile``):
 Writes ``bench.md`` and ``bench.csv`` (atomically) under ``out``. Options, with defaults::
 
     model=resnet18 batch=128 device=auto precision=32 channels_last=false compile=false
-    methods=sgd,sam,asam,friendly_sam,ssam_f,ssam_d,imb_sam,gsam,a2sam,xsam,hatam,adamw
+    methods=<every registered method with bench=True: sharpbench.optim.registry>
     warmup=2 steps=2 repeats=3 count_steps=12 mlp_layers=200
     driver_models=tiny_cnn,resnet18 driver_methods=sgd,sam,adamw,hatam driver_steps=4 loader_workers=2
     compile_methods=sgd,sam compile_model=<model> sections=optim,driver,pipeline,compile
@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "imb_sam", "gsam", "a2sam",
-           "xsam", "hatam", "adamw")
+from .optim import registry
+
+METHODS = tuple(name for name, info in registry.methods().items() if info.bench)
 SECTIONS = ("optim", "driver", "pipeline", "compile")
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DEFAULTS: dict[str, Any] = dict(
@@ -351,7 +352,7 @@ def bench_optimizers(o: dict, device: torch.device, log: Callable[[str], None]) 
         del small
     by_name = {r["method"]: r for r in rows}
     for r in rows:
-        ref = "adamw" if r["method"] == "hatam" else "sgd"
+        ref = baseline_of(r["method"])
         r["baseline"] = ref if ref in by_name else ""
         r["vs_baseline"] = (r["ms_per_step"] / by_name[ref]["ms_per_step"]) if ref in by_name else math.nan
     return rows
@@ -470,8 +471,9 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
 
 
 def baseline_of(method: str) -> str:
-    """The method a ratio is taken against: AdamW for HATAM (its base), SGD for the rest."""
-    return "adamw" if method == "hatam" else "sgd"
+    """The method a ratio is taken against: the registry's ``baseline`` (AdamW for HATAM)."""
+    info = registry.methods().get(method)
+    return info.baseline if info is not None else "sgd"
 
 
 def bench_driver(o: dict, device: torch.device,

@@ -265,7 +265,8 @@ def test_every_option_composes_and_passes_the_schema(compose_cfg, group, option)
 @pytest.mark.parametrize("experiment", ["table1", "table1_full", "rho_sweep"])
 def test_every_optimizer_a_sweep_selects_passes_the_schema(compose_cfg, experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
-    for method in str(cfg.hydra.sweeper.params.optimizer).split(","):
+    from sharpbench import grid
+    for method in grid.values("optimizer", cfg.hydra.sweeper.params.optimizer):
         assert checks.schema_problems(compose_cfg([f"experiment={experiment}", f"optimizer={method}"])) == [], method
 
 

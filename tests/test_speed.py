@@ -7,9 +7,10 @@ from omegaconf import OmegaConf
 
 from sharpbench.bench import (METHODS, BenchConfigError, StepHarness, optimizer_config,
                               parse_options, refresh_period)
+from sharpbench.optim import registry
 from sharpbench.profiling import StepCounter, count_dispatch
 
-ALL = sorted(METHODS + ("adam", "rmsprop"))
+ALL = registry.names()  # every registered method
 
 
 def regular_ops(method: str, layers: int, steps: int = 3) -> list[int]:

@@ -347,10 +347,8 @@ def test_child_command_is_this_job_in_run_mode(compose_cfg, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------- sweep configs compose
 def sweep_jobs(cfg):
-    params = cfg.hydra.sweeper.params
-    keys = list(params)
-    return [dict(zip(keys, combo)) for combo in
-            itertools.product(*(str(params[k]).split(",") for k in keys))]
+    from sharpbench import grid
+    return grid.jobs(cfg.hydra.sweeper.params)
 
 
 def job_cfg(compose_cfg, experiment, job):

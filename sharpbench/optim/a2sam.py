@@ -12,6 +12,7 @@ from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, bind_vi
                    scaled)
 from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
+from .registry import register_method
 
 LossClosure = Callable[[], Tensor]
 
@@ -42,6 +43,9 @@ def ellipsoid_inverse_apply(g: Tensor | Sequence[Tensor], V: Tensor | Sequence[T
     return out[0] if single else out
 
 
+@register_method("a2sam", label="A²SAM", passes=1, order=70, needs=("loss_closure",),
+                 paper='"A²SAM: Accelerated Anisotropic Sharpness-Aware Minimization", an '
+                       'unpublished method description (specified in docs/methods.md)')
 class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     """A²SAM, "Accelerated Anisotropic Sharpness-Aware Minimization" (DeepThinker-X Research
     Unit; a method proposal with no published code or experiments, described in Russian). What

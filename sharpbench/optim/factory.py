@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .registry import methods
+
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -43,8 +45,7 @@ class OptimizerConfigError(ValueError):
 
 def method_registry() -> dict[str, type | None]:
     """Method name → class (``None``: the plain base optimizer, one pass per step)."""
-    from . import METHODS
-    return METHODS
+    return {name: info.cls for name, info in methods().items()}
 
 
 def split_fields(cfg: Mapping[str, Any]) -> tuple[str, str, dict, dict]:

@@ -7,8 +7,12 @@ from torch import Tensor
 from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer,
                    global_grad_norm, group_indices)
 from .sam import lp_ball_argmax
+from .registry import register_method
 
 
+@register_method("gsam", label="GSAM", passes=2, order=100,
+                 paper='Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", '
+                       'ICLR 2022')
 class GSAM(SharpnessAwareOptimizer):
     """Surrogate Gap Guided SAM (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware
     Minimization", ICLR 2022; the paper's title on OpenReview: "Surrogate Gap Minimization

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, require_closure
 from .sam import lp_ball_argmax
+from .registry import register_method
 
 PARTS = ("head", "tail")
 
@@ -36,6 +37,10 @@ def split_loss(per_sample_loss: Tensor, targets: Tensor, tail_mask_per_class: Te
     return (per_sample_loss * keep.to(per_sample_loss.dtype)).sum() / per_sample_loss.numel()
 
 
+@register_method("imb_sam", label="ImbSAM", passes=3, order=60,
+                 needs=("closure_of", "class_counts"),
+                 paper='Zhou et al., "ImbSAM: A Closer Look at Sharpness-Aware Minimization in '
+                       'Class-Imbalanced Recognition", ICCV 2023')
 class ImbSAM(SharpnessAwareOptimizer):
     """Imbalanced SAM (Zhou et al., "ImbSAM: A Closer Look at Sharpness-Aware Minimization in
     Class-Imbalanced Recognition", ICCV 2023).

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
+from .registry import register_method
 
 
 def dual_exponent(p: float) -> float:
@@ -57,6 +58,9 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
     return [torch.sign(u) * u.abs().pow(q - 1) * (r / norm.pow(q - 1)) for u, r in zip(units, rho)]
 
 
+@register_method("sam", label="SAM", passes=2, order=10,
+                 paper='Foret et al., "Sharpness-Aware Minimization for Efficiently Improving '
+                       'Generalization", ICLR 2021')
 class SAM(SharpnessAwareOptimizer):
     """Sharpness-Aware Minimization (Foret et al., "Sharpness-Aware Minimization for Efficiently
     Improving Generalization", ICLR 2021), with the general l_p neighbourhood of their eq. 2.

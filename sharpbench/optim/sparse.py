@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer, flat_state,
                    global_grad_norm, new_flat_state, require_closure, scaled)
+from .registry import register_method
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -225,6 +226,9 @@ class SparseSAM(SharpnessAwareOptimizer):
         return eps
 
 
+@register_method("ssam_f", label="SSAM-F", passes=2, order=40, needs=("sample", "model"),
+                 paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
+                       'Perturbation Approach", NeurIPS 2022 (Fisher mask)')
 class SSAMF(SparseSAM):
     """SSAM-F: Sparse SAM with a Fisher-information mask (Mi et al., NeurIPS 2022).
 
@@ -373,6 +377,9 @@ class SSAMF(SparseSAM):
 DROP_SCHEDULES = ("constant", "cosine")
 
 
+@register_method("ssam_d", label="SSAM-D", passes=2, order=50,
+                 paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
+                       'Perturbation Approach", NeurIPS 2022 (dynamic mask)')
 class SSAMD(SparseSAM):
     """SSAM-D: Sparse SAM with a dynamic mask (Mi et al., NeurIPS 2022; dynamic sparse training).
 

@@ -11,10 +11,15 @@ from .base import (FlatBuffer, HessianCounters, flat_buffer, flat_state, global_
                    new_flat_state, require_closure)
 from .eigen_record import EigenSolveRecord
 from .sam import SAM
+from .registry import register_method
 
 LossClosure = Callable[[], Tensor]
 
 
+@register_method("xsam", label="X-SAM", passes=2, order=90,
+                 needs=("loss_closure", "batch_idx"),
+                 paper='Duan et al., "Boosting Sharpness-Aware Minimization with '
+                       'Dominant-Eigenvector Gradient Correction", 2026')
 class XSAM(EigenSolveRecord, HessianCounters, SAM):
     """X-SAM, explicit eigenvector-aligned SAM (Duan et al. 2026, "Boosting Sharpness-Aware
     Minimization with Dominant-Eigenvector Gradient Correction"; authors' code:

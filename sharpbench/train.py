@@ -133,7 +133,6 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         label_smoothing=float(cfg.get("label_smoothing", 0.0)),
         grad_clip=float(cfg.trainer.get("gradient_clip_val") or 0.0),
         class_counts=data.train_class_counts,
-        fisher_batch_size=int(cfg.optimizer.get("fisher_batch_size") or 64),
         sync_perturbation=bool(cfg.trainer.get("sync_perturbation", False)),
         compile=bool(cfg.trainer.get("compile", False)),
         model_cfg=model_cfg, run_config=ident)  # saved in checkpoints: load_from_checkpoint works

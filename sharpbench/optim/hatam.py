@@ -63,7 +63,6 @@ class HATAM(Optimizer):
 
     takes_base_optimizer = False
     passes_per_step: float = 1.0
-    extra_inputs: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, beta_c: float = 0.99,

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, compose_guard, console, lifecycle
+from . import checks, console, lifecycle, preflight
 from .data import CIFARDataModule
 from .ddp_launch import sweep_job_scope
 from .export import export_model
@@ -210,10 +210,7 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-compose_guard.install()  # Hydra's own failures (unknown key/option) become invalid_config records
-
-
-@compose_guard.entry_point  # --help from the schema; composition failures recorded, exit 2
+@preflight.entry_point  # --help from the schema; a command with bad settings refused, exit 2
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
@@ -227,7 +224,6 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         pin_gpu_for_this_process(sweep.get("gpu_pool"), HydraConfig.get().sweep.dir,
                                  sweep.get("jobs_per_gpu", 1))
     try:
-        compose_guard.raise_if_failed(cfg)  # a command line Hydra could not compose
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
             record = train(cfg, run_dir, task_overrides())
         if LIFETIME.signum is not None:  # the process was told to stop: so does a sweep

@@ -1,5 +1,6 @@
 """Every bad setting is refused before anything runs: exit code 2, no traceback, a message naming
-the key, ``status: invalid_config`` in metrics.json. The cases run the real entry point
+the key, ``status: invalid_config`` recorded (in refused.jsonl beside the run folders when the
+command line itself is refused; in metrics.json when the data shows the problem). The cases run the real entry point
 (``sharpbench.train.main``: Hydra composition, the schema, the data checks) in this process;
 tests/test_validation.py runs one case per failure family as a subprocess."""
 import json
@@ -33,15 +34,20 @@ def run_entry_point(tmp_path, monkeypatch, capfd, *overrides):
 
 
 def run_task(tmp_path, monkeypatch, capfd, caplog, *overrides):
-    """The same with one composition: the composition Hydra's run does (with the entry point's
-    handling of its failures), then the task function as Hydra's ``run_job`` calls it."""
+    """The same with one composition: the entry point's check of the command line, then (if it
+    passes) the task function as Hydra's ``run_job`` calls it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
-    from sharpbench import compose_guard, train
-    monkeypatch.setenv(compose_guard.ENV, "record")
+    from sharpbench import preflight, train
+    line = [*BASE, f"hydra.run.dir={tmp_path}", *overrides]
     with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*BASE, *overrides], return_hydra_config=True)
+        try:
+            preflight.check_command(line, multirun=False)
+        except preflight.Refused as err:
+            print(err, file=sys.stderr)
+            return (2, *_output_and_record(tmp_path, capfd))
+        cfg = compose(config_name="train", overrides=line, return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     task_cfg = cfg.copy()
@@ -57,10 +63,23 @@ def run_task(tmp_path, monkeypatch, capfd, caplog, *overrides):
 
 
 def _output_and_record(tmp_path, capfd):
+    """The output, and the run's record: its metrics.json, or the refusal logged beside the run
+    folders (``refused.jsonl``) when the command was refused before the run began."""
     captured = capfd.readouterr()
     metrics = tmp_path / "metrics.json"
-    record = json.loads(metrics.read_text()) if metrics.exists() else None
+    record = json.loads(metrics.read_text()) if metrics.exists() else refusal(tmp_path)
     return captured.out + captured.err, record
+
+
+def refusal(run_dir):
+    log = run_dir.parent / "refused.jsonl"
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text().splitlines()):
+        entry = json.loads(line)
+        if f"hydra.run.dir={run_dir}" in entry["command"]:
+            return {"status": entry["status"], "error": entry["jobs"][0]["error"]}
+    return None
 
 
 # (overrides, text the message must contain: the key and what is wrong)

@@ -123,3 +123,9 @@ def test_docs_carry_no_private_notes():
                 lines = [i for i, line in enumerate(data.splitlines(), 1) if word.encode() in line]
                 hits.append(f"{rel(path)}: {word!r} on line(s) {lines}")
     assert not hits, "notes that do not belong in user docs:\n" + "\n".join(hits)
+
+
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in links(README) if t.startswith("docs/")}
+    missing = [rel(p) for p in sorted(DOCS.glob("*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link {missing}"

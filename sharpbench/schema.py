@@ -79,8 +79,8 @@ class Alternative:
                     and all(self.item.range_ok(x) for x in v))
         if self.kind not in ("int", "float"):
             return True
-        if isinstance(v, float) and math.isnan(v):
-            return False
+        if isinstance(v, float) and not math.isfinite(v):
+            return False  # nan, and inf (a learning rate of inf diverges at once)
         above = v > self.low if self.low_open else v >= self.low
         below = v < self.high if self.high_open else v <= self.high
         return above and below

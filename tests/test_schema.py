@@ -131,6 +131,7 @@ CASES = [
     (["dataset.val_split=0.5", "dataset.imbalance_factor=200"], "without a training image"),
     # type errors that did not name the key
     (["optimizer.lr=abc"], "optimizer.lr=abc has the wrong type"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is out of range"),
     (["optimizer=sam", "optimizer.rho=abc"], "optimizer.rho=abc has the wrong type"),
     # already refused before the schema; must stay so
     (["optimizer=sam", "optimizer.rho=0"], "optimizer.rho=0 is out of range"),
@@ -292,6 +293,7 @@ def test_every_optimizer_a_sweep_selects_passes_the_schema(compose_cfg, experime
 @pytest.mark.parametrize("spec, good, bad", [
     ("int >= 1", [1, 80], [0, 1.5, "1", True, None]),
     ("float in [0, 1)", [0, 0.5], [1, 1.0, -0.1, float("nan"), "x"]),
+    ("float > 0", [1e-8, 1e30], [0, float("inf"), float("nan")]),
     ("null | int >= 0 | float in [0, 1)", [None, 0, 5000, 0.1], [-1, 1.5, "a"]),
     ("auto | 32 | bf16-mixed", ["auto", 32, "32", "bf16-mixed"], ["16", 16, None, True]),
     ("list[float in [0, 1)] of 2", [[0.9, 0.999], (0.5, 0)], [[0.9], [0.9, 1.0], "ab"]),

@@ -335,7 +335,9 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
         has_val = len(done) > 0 and done["val_loss"].notna().all()
         not_done = runs.loc[runs["status"] != COMPLETED, "status"].value_counts()
         recipe = len(done) > 0 and bool((done["paper_recipe"] == "yes").all())
-        paper = reference.paper_row(dataset, method)
+        # The paper's numbers stand beside a row only when its runs used the paper's recipe (in
+        # every output: the CSV as the Markdown and LaTeX tables).
+        paper = reference.paper_row(dataset, method) if recipe else None
         row = {
             "dataset": dataset, "method": method, "setting": setting,
             "n": int(done["seed"].nunique()), "failed": int(not_done.sum()),
@@ -407,10 +409,10 @@ def seconds(value: float) -> str:
 
 
 def paper_cell(row, field: str, spec: str) -> str:
+    if not row.paper_recipe:
+        return OTHER_RECIPE
     value = getattr(row, field)
-    if pd.isna(value):
-        return DASH
-    return format(value, spec) if row.paper_recipe else OTHER_RECIPE
+    return DASH if pd.isna(value) else format(value, spec)
 
 
 def display_table(table: pd.DataFrame) -> pd.DataFrame:

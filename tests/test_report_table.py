@@ -54,6 +54,12 @@ def test_paper_values_only_beside_runs_of_its_recipe():
     no_augment = runs_frame([run("sam", 0, 93.0, **{"dataset.augment": False})])
     assert no_augment["paper_recipe"].iloc[0] == "dataset.augment=False"
     table = table1(runs_frame(records))
+    by = table.set_index(["dataset", "method"])
+    # the CSV (this frame) follows the same rule as the Markdown: no paper number beside a run
+    # that is not the paper's recipe (was paper_recipe=False, paper_top1=92.0)
+    assert by.loc[("cifar10", "sam"), "paper_top1"] == 92.0
+    assert math.isnan(by.loc[("cifar10", "friendly_sam"), "paper_top1"])
+    assert math.isnan(by.loc[("cifar100", "sam"), "paper_top1"])
     shown = display_table(table)
     assert shown.loc["SAM", ("CIFAR-10", "Feldman 2025")] == "92.0"
     assert shown.loc["FriendlySAM", ("CIFAR-10", "Feldman 2025")] == "other recipe"

@@ -5,7 +5,9 @@
 - ``EvalProgressBar``: the progress bar names the evaluation pass run during training after the
   split it evaluates ("test", or "val + test"), not Lightning's "Validation";
 - ``log_hyperparameters``: the resolved config as hyperparameters (CSV/TensorBoard
-  ``hparams.yaml``, W&B run config), before training;
+  ``hparams.yaml``, W&B run config), before training; it also makes TensorBoard and W&B take
+  each metric once per step (``log_each_point_once``: the final test repeated the last
+  in-training evaluation's ``test/acc`` and ``test/loss`` at the same step);
 - ``finish_loggers``: metrics.json's final numbers in the TensorBoard HPARAMS tab and the W&B run
   summary, then the W&B run is closed (a sweep's next job starts its own run);
 - ``abort_loggers``: a run that raised closes its W&B run as failed.
@@ -63,9 +65,43 @@ def _kind(logger) -> str:
 
 
 def log_hyperparameters(loggers: Iterable, config: dict[str, Any]) -> None:
-    """The resolved config (nested) as each logger's hyperparameters."""
+    """The resolved config (nested) as each logger's hyperparameters; TensorBoard and W&B then
+    take each metric once per step (``log_each_point_once``)."""
+    loggers = list(loggers)
     for logger in loggers:
         logger.log_hyperparams(config)
+    log_each_point_once(loggers)
+
+
+def log_each_point_once(loggers: Iterable) -> None:
+    """TensorBoard and W&B get each metric at most once per step; later values of a metric
+    already logged at that step are dropped (and a call left with nothing new is not made).
+
+    Why: after ``fit`` the final ``trainer.test`` evaluates the weights that the last in-training
+    evaluation (the validation loop, whose split is named "test") has just evaluated, and
+    Lightning logs both at the same step, so every run had two ``test/acc`` and ``test/loss``
+    points at its last step. The CSV log keeps both rows (``sharpbench.curves`` tells them
+    apart); ``epoch``, which Lightning adds to every call, is passed through unchanged."""
+    for logger in loggers:
+        if _kind(logger) not in ("TensorBoardLogger", "WandbLogger") or getattr(logger, "_sharpbench_once", False):
+            continue
+        original = logger.log_metrics
+        state: dict[str, Any] = {"step": None, "keys": set()}
+
+        def log_metrics(metrics, step=None, _original=original, _state=state):
+            if step is None:
+                return _original(metrics, step)
+            if step != _state["step"]:  # steps only grow within a process: forget the older ones
+                _state["step"], _state["keys"] = step, set()
+            seen = _state["keys"]
+            fresh = {k: v for k, v in metrics.items() if k == "epoch" or k not in seen}
+            if not any(k != "epoch" for k in fresh):
+                return None
+            seen.update(k for k in fresh if k != "epoch")
+            return _original(fresh, step)
+
+        logger.log_metrics = log_metrics
+        logger._sharpbench_once = True
 
 
 def finish_loggers(loggers: Iterable, record: dict[str, Any], config: dict[str, Any]) -> None:

@@ -97,12 +97,16 @@ def x6_paths(start: float = X6_START, lr: float = X6_LR, rho: float = X6_RHO, st
             "SAM": trajectory(sam(rho=rho, lr=lr), x6, start, steps)}
 
 
-def x6_sweep(starts, lrs, rhos, steps: int) -> dict[str, np.ndarray]:
-    """Where GD and SAM go on x6 for every (start, lr, rho), all at once (float64 NumPy).
+def x6_step(x, lr, rho):
+    """One SAM step on x6 in one dimension, elementwise: x − lr·f'(x + ρ·sign f'(x)) (SAM's
+    ascent step ρ·g/‖g‖ is ρ·sign g here); ρ = 0 is a gradient-descent step."""
+    return x - lr * x6_grad(x + rho * np.sign(x6_grad(x)))
 
-    In one dimension SAM's step is x ← x − lr·f'(x + ρ·sign f'(x)) (its ascent step ρ·g/‖g‖);
-    ``tests/test_figures.py`` checks this against the SAM class. Returns the grids and each
-    method's outcome per setting (``x6_outcome``)."""
+
+def x6_sweep(starts, lrs, rhos, steps: int) -> dict[str, np.ndarray]:
+    """Where GD and SAM go on x6 for every (start, lr, rho), all at once (float64 NumPy,
+    ``x6_step``, which ``tests/test_figures.py`` checks against the SAM class). Returns the
+    grids and each method's outcome per setting (``x6_outcome``, over the last 100 steps)."""
     x0, lr, rho = (a.ravel() for a in np.meshgrid(np.asarray(starts, float), np.asarray(lrs, float),
                                                    np.asarray(rhos, float), indexing="ij"))
     out = {"start": x0, "lr": lr, "rho": rho}
@@ -110,8 +114,7 @@ def x6_sweep(starts, lrs, rhos, steps: int) -> dict[str, np.ndarray]:
         x, tail = x0.copy(), []
         with np.errstate(all="ignore"):
             for t in range(steps):
-                g = x6_grad(x)
-                x = x - lr * x6_grad(x + r * np.sign(g))
+                x = x6_step(x, lr, r)
                 x = np.where(np.abs(x) > 10, np.nan, x)  # diverged
                 if t >= steps - 100:
                     tail.append(x)
@@ -356,6 +359,13 @@ def fig_linear_regression(out: Path, epochs: int = 30, batch: int = 32, lr: floa
     x, y = regression_data()
     names = ("SGD", "SAM", "SSAM-F", "FriendlySAM")
     hist = {n: train_regression(n, x, y, epochs, batch, lr, rho) for n in names}
+    return save_png(linear_regression_figure(hist, epochs, batch, lr, rho), out / "linear_regression.png")
+
+
+def linear_regression_figure(hist: dict[str, dict[str, list[float]]], epochs: int, batch: int, lr: float,
+                             rho: float):
+    """MSE and R² per epoch (one line per method, in its colour) and the final values (bars)."""
+    names = tuple(hist)
     fig = new_figure(13, 3.8)
     ax_m, ax_r, ax_b = (fig.add_subplot(1, 3, i) for i in (1, 2, 3))
     from matplotlib.patches import Patch
@@ -389,7 +399,7 @@ def fig_linear_regression(out: Path, epochs: int = 30, batch: int = 32, lr: floa
     fig.suptitle(f"Linear regression, 512 samples × 20 features, noise σ=0.5; batch {batch}, lr {lr}, "
                  f"momentum 0.9, ρ={rho} (SSAM-F: s=0.5, K=5; FriendlySAM: σ=1, λ=0.95)", fontsize=9)
     fig.tight_layout()
-    return save_png(fig, out / "linear_regression.png")
+    return fig
 
 
 FIGURES = {"sam_x6": fig_sam_x6, "beale": fig_beale, "sam_vs_asam": fig_sam_vs_asam,

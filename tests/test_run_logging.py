@@ -89,7 +89,8 @@ def test_wandb_run_gets_the_config_and_the_final_numbers(tmp_path, monkeypatch):
     real_finish()
 
 
-def test_tensorboard_and_wandb_take_each_metric_once_per_step():
+def test_tensorboard_and_wandb_take_each_evaluation_once(monkeypatch):
+    from sharpbench.lifecycle import LIFETIME
     from sharpbench.run_logging import log_each_point_once
     calls = {}
 
@@ -101,15 +102,23 @@ def test_tensorboard_and_wandb_take_each_metric_once_per_step():
     tb, wb, csv = fake("TensorBoardLogger"), fake("WandbLogger"), fake("CSVLogger")
     log_hyperparameters([tb, wb, csv], {})
     log_each_point_once([tb])  # a second call does not wrap twice
+    trainer = SimpleNamespace(testing=False)
+    monkeypatch.setattr(LIFETIME, "trainer", trainer)
     for logger in (tb, wb, csv):
-        logger.log_metrics({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, step=8)  # in training
-        logger.log_metrics(metrics={"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, step=8)  # test()
-        logger.log_metrics({"test/acc": 50.0, "train/x": 2.0, "epoch": 1}, step=8)
-        logger.log_metrics({"test/acc": 60.0, "epoch": 2}, step=16)
-    expected = [({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, 8), ({"train/x": 2.0, "epoch": 1}, 8),
-                ({"test/acc": 60.0, "epoch": 2}, 16)]
+        trainer.testing = False
+        logger.log_metrics({"test/acc": 40.0, "epoch": 0}, step=3)                # epoch 1's evaluation
+        logger.log_metrics({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, step=7)  # epoch 2's
+        logger.log_metrics({"test/acc": 50.0, "train/x": 2.0, "epoch": 1}, step=7)   # again at step 7
+        trainer.testing = True   # trainer.test after fit: the same weights, logged at step 8
+        logger.log_metrics(metrics={"test/acc": 50.0, "test/loss": 1.0, "epoch": 2}, step=8)
+    expected = [({"test/acc": 40.0, "epoch": 0}, 3), ({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, 7),
+                ({"train/x": 2.0, "epoch": 1}, 7)]
     assert calls["TensorBoardLogger"] == expected and calls["WandbLogger"] == expected
     assert len(calls["CSVLogger"]) == 4  # the CSV keeps every row (curves reads it)
+    # a final test after an epoch that was not evaluated is logged
+    trainer.testing = True
+    tb.log_metrics({"test/acc": 55.0, "epoch": 3}, step=16)
+    assert calls["TensorBoardLogger"][-1] == ({"test/acc": 55.0, "epoch": 3}, 16)
 
 
 def test_lightning_log_is_called_on_logging_steps_only(compose_cfg, tmp_path, monkeypatch):

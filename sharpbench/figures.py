@@ -3,8 +3,11 @@
 
     python -m sharpbench.figures [all | sam_x6 | beale | sam_vs_asam | linear_regression] [--out DIR]
 
-sam_x6             SAM on f(x) = x⁶ + x⁵ + 5x³ − 30x² + 3x over [−3, 3]: a 30-frame GIF (curve,
-                   current point with x and f(x), grid)                       → sam_x6.gif
+sam_x6             gradient descent and SAM from one start with one lr on f(x) = x⁶ + x⁵ + 5x³
+                   − 30x² + 3x over [−3, 3]: a 30-frame GIF (both points, SAM's ascent point)
+                   and both whole paths; prints where they go and how often, over a grid of
+                   starts, lr and ρ, SAM and gradient descent end in which minimum
+                                                              → sam_x6.gif, sam_x6.png
 beale              SAM next to gradient descent on the Beale function: SAM stalls near the saddle
                    point (0, 1) (Fig. 5; Kim et al., arXiv:2301.06308, 2023) → beale.png
 sam_vs_asam        SAM and ASAM trajectories on a scale-asymmetric 2-D problem (Fig. 7)
@@ -425,6 +428,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in make(names, args.out):
         print(f"[sharpbench] wrote {path}")
+    if "sam_x6" in names:  # the numbers of the README's caption
+        paths = x6_paths()
+        for name, p in paths.items():
+            print(f"[sharpbench] sam_x6: {name} from x0={X6_START} (lr={X6_LR}, rho={X6_RHO}): "
+                  f"x after each step {np.array2string(p, precision=3, max_line_width=10_000)}")
+        second = lambda x: 30 * x ** 4 + 20 * x ** 3 + 30 * x - 60  # noqa: E731 - f''
+        print(f"[sharpbench] sam_x6: f'' = {second(X6_SHARP):.1f} at x = {X6_SHARP} (sharp), "
+              f"{second(X6_WIDE):.1f} at x = {X6_WIDE} (wide)")
+        print(x6_summary())
     return 0
 
 

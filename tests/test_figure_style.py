@@ -47,9 +47,29 @@ def inside(fig, artist) -> bool:
     return box.x0 >= -0.5 and box.y0 >= -0.5 and box.x1 <= fig.bbox.width + 0.5 and box.y1 <= fig.bbox.height + 0.5
 
 
-def overlapping(labels, renderer) -> list[tuple[str, str]]:
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in labels if t.get_visible() and t.get_text()]
-    return [(a, b) for i, (a, ba) in enumerate(boxes) for b, bb in boxes[i + 1:] if ba.overlaps(bb)]
+def drawn_boxes(fig, texts, monkeypatch) -> dict:
+    """Window extents of ``texts`` as drawn into the PNG (``save_png``'s 110 dpi), and the
+    canvas size under key "canvas": a 3-D axis places its tick labels inside its own draw, and
+    their extents asked for afterwards are not where they were drawn."""
+    import io
+    from matplotlib.text import Text
+    wanted, boxes = set(map(id, texts)), {}
+    real_draw = Text.draw
+
+    def draw(self, renderer):
+        real_draw(self, renderer)
+        boxes["canvas"] = renderer.get_canvas_width_height()
+        if id(self) in wanted and self.get_visible() and self.get_text():
+            boxes[id(self)] = (self.get_text(), self.get_window_extent(renderer))
+    monkeypatch.setattr(Text, "draw", draw)
+    fig.savefig(io.BytesIO(), format="png", dpi=110)
+    monkeypatch.setattr(Text, "draw", real_draw)
+    return boxes
+
+
+def overlapping(boxes) -> list[tuple[str, str]]:
+    items = list(boxes)
+    return [(a, b) for i, (a, ba) in enumerate(items) for b, bb in items[i + 1:] if ba.overlaps(bb)]
 
 
 def test_method_colours_are_one_per_method_and_stable():
@@ -73,18 +93,23 @@ def test_landscapes_title_fits_and_panel_titles_in_method_colours(tmp_path, save
     assert inside(fig, ax.title) and to_hex(ax.title.get_color()) == method_color("sam")
 
 
-def test_3d_landscape_tick_labels_do_not_overlap(tmp_path, saved):
-    items = [(f"{m} seed 0", surface(i)) for i, m in enumerate(("sgd", "sam", "friendly_sam"))]
-    plots.plot_surfaces(items, tmp_path / "landscapes_3d.png", "3d", methods=["sgd", "sam", "friendly_sam"])
+def test_3d_landscape_tick_labels_do_not_overlap(tmp_path, saved, monkeypatch):
+    """α and β ran "−1.00−0.75−0.50…" into one unreadable string; the panel titles were cut."""
+    methods = ["friendly_sam", "sam", "sam", "sgd"]
+    items = [(f"{m} seed {i}", surface(i)) for i, m in enumerate(methods)]
+    plots.plot_surfaces(items, tmp_path / "landscapes_3d.png", "3d", methods=methods)
     fig = saved["landscapes_3d.png"]
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            labels = axis.get_ticklabels()
-            assert len([t for t in labels if t.get_text()]) >= 2
-            assert not overlapping(labels, renderer), overlapping(labels, renderer)
-        assert inside(fig, ax.title)
+    axes_labels = [(ax, axis.get_ticklabels()) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)]
+    titles = [ax.title for ax in fig.axes]
+    boxes = drawn_boxes(fig, [t for _, labels in axes_labels for t in labels] + titles, monkeypatch)
+    for ax, labels in axes_labels:
+        drawn = [boxes[id(t)] for t in labels if id(t) in boxes]
+        assert len(drawn) >= 2
+        assert not overlapping(drawn), overlapping(drawn)
+    width, height = boxes["canvas"]
+    for title in titles:
+        box = boxes[id(title)][1]
+        assert box.y1 <= height and box.x0 >= 0 and box.x1 <= width, (title.get_text(), box, height)
 
 
 def test_lambda_max_history_method_colours_and_mathtext(tmp_path, saved):

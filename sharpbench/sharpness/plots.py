@@ -153,7 +153,9 @@ def plot_surfaces(items: Sequence[tuple[str, Surface]], path, kind: str = "conto
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     width = 4.2 * cols + (1.0 if kind == "contour" else 0)
-    fig = new_figure(width, 3.9 * rows + 0.4, layout="constrained")
+    # constrained layout for the contour panels; the 3-D panels are placed by hand (the layout
+    # engines put their titles at the figure's edge)
+    fig = new_figure(width, 3.9 * rows + 0.4, layout="constrained" if kind == "contour" else None)
     norm = shared_log_norm([s for _, s in items])
     colors = [method_color(m) for m in methods] if methods else [None] * n
     axes, cs = [], None
@@ -165,10 +167,16 @@ def plot_surfaces(items: Sequence[tuple[str, Surface]], path, kind: str = "conto
             ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
             _surface3d(ax, s, norm, label, color)
         axes.append(ax)
+    title_lines = 0
     if suptitle:
-        fig.suptitle(wrap_title(suptitle, width - 0.3))
+        text = wrap_title(suptitle, width - 0.3)
+        fig.suptitle(text)
+        title_lines = text.count("\n") + 1
     if kind == "contour":
         _colorbar(fig, cs, axes, norm)
+    else:  # room above each panel for its title (0.45 in) and the suptitle's lines (0.25 in each)
+        top = 1 - (0.45 + 0.25 * title_lines) / fig.get_figheight()
+        fig.subplots_adjust(left=0.01, right=0.96, bottom=0.03, top=top, wspace=0.12, hspace=0.25)
     return save_png(fig, path)
 
 
@@ -206,7 +214,8 @@ def plot_density(grid, density, path, title: str = "Hessian eigenvalue density",
     ax.semilogy(grid, np.maximum(density, floor), color=color, lw=1.3)
     for i, lam in enumerate(eigenvalues):
         ax.axvline(lam, color="black", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
-    ax.set(title=wrap_title(title, 5.8, 12), xlabel="eigenvalue", ylabel="density (log scale)",
+    ax.set_title(wrap_title(title, 5.6, 10), fontsize=10)
+    ax.set(xlabel="eigenvalue", ylabel="density (log scale)",
            ylim=(max(floor, float(density.max()) * 1e-8), float(density.max()) * 3))
     ax.grid(alpha=0.3)
     if len(eigenvalues):

@@ -279,14 +279,16 @@ def completed_runs(root: Path) -> list[Path]:
 
 def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
     """Side-by-side landscapes (one shared colour scale) and λ_max histories of several runs."""
+    from .report import method_label  # the names the report's tables and curves use
     written = []
     items, methods = [], []
     for run in runs:
         npz = run / FIGURE_DIR / "landscape.npz"
         if npz.exists():
             record = read_metrics(run) or {}
-            items.append((f"{record.get('method', run.name)} seed {record.get('seed', '?')}", load_surface(npz)))
-            methods.append(str(record.get("method", run.name)))
+            method = str(record.get("method", run.name))
+            items.append((f"{method_label(method)} seed {record.get('seed', '?')}", load_surface(npz)))
+            methods.append(method)
     if items:
         written.append(plots.plot_surfaces(items, out_dir / "landscapes_contour.png", "contour",
                                            "loss surfaces, filter-normalised directions (same seed)",
@@ -297,8 +299,9 @@ def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
     for r in runs:
         if (h := read_history(r)) is not None:
             record = read_metrics(r) or {}
-            series.append((f"{record.get('method', r.name)} seed {record.get('seed', '?')}", *h))
-            methods.append(str(record.get("method", r.name)))
+            method = str(record.get("method", r.name))
+            series.append((f"{method_label(method)} seed {record.get('seed', '?')}", *h))
+            methods.append(method)
     if series:
         written.append(plots.plot_lambda_history(series, out_dir / "lambda_max.png", methods=methods))
     return written

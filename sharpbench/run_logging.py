@@ -88,7 +88,9 @@ def log_each_point_once(loggers: Iterable) -> None:
     for logger in loggers:
         if _kind(logger) not in ("TensorBoardLogger", "WandbLogger") or getattr(logger, "_sharpbench_once", False):
             continue
-        original = logger.log_metrics
+        original = getattr(logger, "log_metrics", None)
+        if original is None:
+            continue
         last_step: dict[str, int] = {}  # metric -> the step it was last logged at
 
         def log_metrics(metrics, step=None, _original=original, _last=last_step):

@@ -14,10 +14,20 @@ install:  ## create .venv; install sharpbench (editable, dev extras) at the veri
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -c $(CONSTRAINTS) -e ".[dev]"
 
+# install-cpu takes only torch and torchvision from the CPU index, in a first pip call with
+# --no-deps: --index-url replaces PyPI for the whole call, so resolving torch's dependencies
+# there failed with an unrelated-looking "ResolutionImpossible" on filelock when the index was
+# unreachable. The second call, from PyPI only, finds torch 2.x.y+cpu installed; it satisfies
+# the constraint torch==2.x.y (a pin without a local label matches +cpu, PEP 440), so pip keeps
+# the CPU wheels and installs their dependencies (filelock, sympy, ...) and the rest from PyPI.
+# (--extra-index-url instead would silently fall back to PyPI's CUDA torch when the CPU index
+# cannot be reached.) An unreachable CPU index now stops the first call with a message naming it.
 install-cpu:  ## the same without the CUDA libraries: torch/torchvision from PyTorch's CPU index
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -c $(CONSTRAINTS) --index-url $(CPU_INDEX) torch torchvision
+	$(BIN)/pip install -c $(CONSTRAINTS) --index-url $(CPU_INDEX) --no-deps torch torchvision || \
+	  { echo "install-cpu: could not get torch/torchvision from $(CPU_INDEX) (unreachable?);" \
+	    "set CPU_INDEX=<a mirror>, or use 'make install' (PyPI's torch, with the CUDA libraries)" >&2; exit 1; }
 	$(BIN)/pip install -c $(CONSTRAINTS) -e ".[dev]"
 
 test:  ## the default test suite (CPU, minutes)

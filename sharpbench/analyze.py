@@ -141,13 +141,15 @@ def measure_trace(model, loss_fn, batches, c) -> dict[str, Any]:
     return {"trace": tr.trace, "trace_stderr": tr.stderr, "n_samples": tr.n_samples}
 
 
-def measure_density(model, loss_fn, batches, c, out_dir: Path, eigenvalues=()) -> dict[str, Any]:
+def measure_density(model, loss_fn, batches, c, out_dir: Path, eigenvalues=(), run: str = "",
+                    method: str | None = None) -> dict[str, Any]:
     from .sharpness import hessian_density
     d = hessian_density(model, loss_fn, batches, num_iters=int(c.num_iters), num_runs=int(c.num_runs),
                         sigma_rel=float(c.sigma_rel))
     png = plots.plot_density(d.grid, d.density, out_dir / "density.png",
-                             title=f"Hessian eigenvalue density (SLQ: {int(c.num_runs)} probe(s) × {int(c.num_iters)} Lanczos steps)",
-                             eigenvalues=eigenvalues)
+                             title=f"Hessian eigenvalue density of {run or 'the run'}\n(SLQ: {int(c.num_runs)} "
+                                   f"probe(s) × {int(c.num_iters)} Lanczos steps)",
+                             eigenvalues=eigenvalues, method=method)
     return {"nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "sigma": d.sigma,
             "min_node": float(d.nodes.min()), "max_node": float(d.nodes.max()), "figure": png.name}
 
@@ -178,7 +180,8 @@ def measure_landscape(model, loss_fn, batches, c, out_dir: Path, title: str, pro
             "figures": ["sharpness/landscape_contour.png", "sharpness/landscape_3d.png"]}
 
 
-def measure_line(model, loss_fn, batches, c, out_dir: Path, cfg, num_classes, device, title, progress):
+def measure_line(model, loss_fn, batches, c, out_dir: Path, cfg, num_classes, device, title, progress,
+                 method: str | None = None):
     from .sharpness import loss_line
     if str(c.to) == "init":
         other, label = initial_state(cfg, num_classes), "initialisation"
@@ -193,7 +196,8 @@ def measure_line(model, loss_fn, batches, c, out_dir: Path, cfg, num_classes, de
                      t_range=(float(c.t_min), float(c.t_max)), progress=progress)
     line.meta["start"] = label
     save_line(out_dir / "line.npz", line)
-    plots.plot_lines([(title, line)], out_dir / "line.png", title=f"{label} (t=0) → trained (t=1)")
+    plots.plot_lines([(title, line)], out_dir / "line.png", title=f"{label} (t=0) → trained (t=1)",
+                     methods=[method] if method else None)
     return {"start": label, "points": int(c.points), "t": line.t.tolist(), "loss": line.loss.tolist(),
             "acc": line.acc.tolist(), "file": "sharpness/line.npz", "figure": "sharpness/line.png"}
 
@@ -249,14 +253,14 @@ def analyze_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
             value = measure_trace(model, loss_fn, batches, cfg.trace)
         elif name == "density":
             value = measure_density(model, loss_fn, batches, cfg.density, out_dir,
-                                    result.get("eigen", {}).get("eigenvalues", ()))
+                                    result.get("eigen", {}).get("eigenvalues", ()), title, result["method"])
         elif name == "sharpness":
             value = measure_sharpness(model, loss_fn, batches, cfg.sharpness, batch_size)
         elif name == "landscape":
             value = measure_landscape(model, loss_fn, batches, cfg.landscape, out_dir, title, bool(cfg.progress))
         else:
             value = measure_line(model, loss_fn, batches, cfg.line, out_dir, run_cfg, data.num_classes,
-                                 device, title, bool(cfg.progress))
+                                 device, title, bool(cfg.progress), result["method"])
         value["seconds"] = round(time.perf_counter() - t0, 3)
         result[name] = value
         atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")  # after each measure
@@ -275,22 +279,31 @@ def completed_runs(root: Path) -> list[Path]:
 
 def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
     """Side-by-side landscapes (one shared colour scale) and λ_max histories of several runs."""
+    from .report import method_label  # the names the report's tables and curves use
     written = []
-    items = []
+    items, methods = [], []
     for run in runs:
         npz = run / FIGURE_DIR / "landscape.npz"
         if npz.exists():
             record = read_metrics(run) or {}
-            items.append((f"{record.get('method', run.name)} seed {record.get('seed', '?')}", load_surface(npz)))
+            method = str(record.get("method", run.name))
+            items.append((f"{method_label(method)} seed {record.get('seed', '?')}", load_surface(npz)))
+            methods.append(method)
     if items:
         written.append(plots.plot_surfaces(items, out_dir / "landscapes_contour.png", "contour",
-                                           "loss surfaces, filter-normalised directions (same seed)"))
-        written.append(plots.plot_surfaces(items, out_dir / "landscapes_3d.png", "3d"))
+                                           "loss surfaces, filter-normalised directions (same seed)",
+                                           methods=methods))
+        written.append(plots.plot_surfaces(items, out_dir / "landscapes_3d.png", "3d", methods=methods))
     from .sharpness.monitor import read_history
-    series = [(f"{(read_metrics(r) or {}).get('method', r.name)} seed {(read_metrics(r) or {}).get('seed', '?')}", *h)
-              for r in runs if (h := read_history(r)) is not None]
+    series, methods = [], []
+    for r in runs:
+        if (h := read_history(r)) is not None:
+            record = read_metrics(r) or {}
+            method = str(record.get("method", r.name))
+            series.append((f"{method_label(method)} seed {record.get('seed', '?')}", *h))
+            methods.append(method)
     if series:
-        written.append(plots.plot_lambda_history(series, out_dir / "lambda_max.png"))
+        written.append(plots.plot_lambda_history(series, out_dir / "lambda_max.png", methods=methods))
     return written
 
 

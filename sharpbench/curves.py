@@ -137,29 +137,32 @@ def write_curves(runs: pd.DataFrame, out: Path, labels: Callable[[Any], str],
     duplicates already removed); ``labels(row)`` names a row's curve (the table's label)."""
     groups: dict[str, dict[str, list[tuple[pd.DataFrame, pd.DataFrame]]]] = {}
     meta: dict[str, list[dict]] = {}
+    methods: dict[str, str] = {}  # curve label -> method (its colour)
     for row in runs.itertuples():
         record = records.get(row.run_dir, {})
         steps, epochs = run_curves(row.run_dir, record)
         groups.setdefault(row.dataset, {}).setdefault(labels(row), []).append((steps, epochs))
+        methods.setdefault(labels(row), str(getattr(row, "method", labels(row))))
         meta.setdefault(row.dataset, []).append(record | {"seed": row.seed, "model": row.model})
     paths: dict[str, Path] = {}
+    styles = curve_styles(methods)
     for dataset, by_label in groups.items():
         title = figure_title(dataset, meta[dataset])
         losses = {k: [s for s, _ in v if len(s)] for k, v in by_label.items()}
         losses = {k: v for k, v in losses.items() if v}
         if losses:
-            paths.update(_loss_figure(losses, out / f"curves_train_loss_{dataset}", title))
+            paths.update(_loss_figure(losses, out / f"curves_train_loss_{dataset}", title, styles))
             for e in first_epochs:
                 early = {k: [s[s["epoch"] <= e + 1e-9] for s in v] for k, v in losses.items()}
                 early = {k: [s for s in v if len(s)] for k, v in early.items()}
                 if any(early.values()):
                     paths.update(_batch_loss_figure({k: v for k, v in early.items() if v},
                                                     out / f"curves_batch_loss_first{e}_{dataset}",
-                                                    title, e))
+                                                    title, e, styles))
         accs = {k: [a for _, a in v if len(a)] for k, v in by_label.items()}
         accs = {k: v for k, v in accs.items() if v}
         if accs:
-            paths.update(_acc_figure(accs, out / f"curves_test_acc_{dataset}", title))
+            paths.update(_acc_figure(accs, out / f"curves_test_acc_{dataset}", title, styles))
     return paths
 
 
@@ -175,8 +178,23 @@ def figure_title(dataset: str, metas: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def _style(i: int, points: int) -> dict:
-    return {"color": f"C{i % 10}", "ls": LINESTYLES[i % len(LINESTYLES)], "lw": 1.6,
+def curve_styles(methods: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Curve label -> (its method's colour, the how-manieth setting of that method it is): one
+    colour per method in every figure (``sharpbench.colors``); settings of one method differ in
+    line style."""
+    from .colors import method_color
+    seen: dict[str, int] = {}
+    styles = {}
+    for label, method in methods.items():
+        styles[label] = (method_color(method), seen.get(method, 0))
+        seen[method] = seen.get(method, 0) + 1
+    return styles
+
+
+def _style(i: int, points: int, styles: dict[str, tuple[str, int]] | None = None,
+           label: str | None = None) -> dict:
+    color, k = (styles or {}).get(label, (f"C{i % 10}", i))
+    return {"color": color, "ls": LINESTYLES[k % len(LINESTYLES)], "lw": 1.6,
             "marker": MARKERS[i % len(MARKERS)] if points <= FEW_POINTS else None, "ms": 4}
 
 
@@ -211,7 +229,8 @@ def _finish(fig, axes, title: str, path_stem: Path) -> dict[str, Path]:
     return save(fig, path_stem)
 
 
-def _loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str) -> dict[str, Path]:
+def _loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str,
+                 styles: dict[str, tuple[str, int]] | None = None) -> dict[str, Path]:
     fig, axes = _figure(3)
     windows = []
     for i, (label, frames) in enumerate(curves.items()):
@@ -221,7 +240,7 @@ def _loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str) 
             windows.append(window)
             smoothed.append(f.assign(loss=values.to_numpy()))
         agg = mean_over_seeds(smoothed, "step", "loss")
-        style = _style(i, len(agg))
+        style = _style(i, len(agg), styles, label)
         name = f"{label} (n={int(agg['n'].max())})"
         for ax, x in zip(axes, ("epoch", "time_s", "passes")):
             _draw(ax, agg[x], agg["loss"], agg["lo"], agg["hi"], agg["n"].max(), style, name)
@@ -236,23 +255,24 @@ def _loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str) 
 
 
 def _batch_loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str,
-                       epochs: int) -> dict[str, Path]:
+                       epochs: int, styles: dict[str, tuple[str, int]] | None = None) -> dict[str, Path]:
     fig, axes = _figure(1)
     ax = axes[0]
     for i, (label, frames) in enumerate(curves.items()):
         agg = mean_over_seeds(frames, "step", "loss")
         _draw(ax, agg["step"] + 1, agg["loss"], agg["lo"], agg["hi"], agg["n"].max(),
-              _style(i, len(agg)), f"{label} (n={int(agg['n'].max())})")
+              _style(i, len(agg), styles, label), f"{label} (n={int(agg['n'].max())})")
     ax.set(xlabel="batch (optimizer step)", ylabel="training loss per batch (not smoothed)")
     first = "the first epoch" if epochs == 1 else f"the first {epochs} epochs"
     return _finish(fig, axes, f"Batch loss over {first}\n{title}", stem)
 
 
-def _acc_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str) -> dict[str, Path]:
+def _acc_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str,
+                styles: dict[str, tuple[str, int]] | None = None) -> dict[str, Path]:
     fig, axes = _figure(2)
     for i, (label, frames) in enumerate(curves.items()):
         agg = mean_over_seeds(frames, "epoch", "acc")
-        style = _style(i, len(agg))
+        style = _style(i, len(agg), styles, label)
         name = f"{label} (n={int(agg['n'].max())})"
         for ax, x in zip(axes, ("epoch", "time_s")):
             _draw(ax, agg[x], agg["acc"], agg["lo"], agg["hi"], agg["n"].max(), style, name)

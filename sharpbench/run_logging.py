@@ -5,7 +5,9 @@
 - ``EvalProgressBar``: the progress bar names the evaluation pass run during training after the
   split it evaluates ("test", or "val + test"), not Lightning's "Validation";
 - ``log_hyperparameters``: the resolved config as hyperparameters (CSV/TensorBoard
-  ``hparams.yaml``, W&B run config), before training;
+  ``hparams.yaml``, W&B run config), before training; it also makes TensorBoard and W&B take
+  each evaluation once (``log_each_point_once``: the final test repeated the last in-training
+  evaluation's ``test/acc`` and ``test/loss``);
 - ``finish_loggers``: metrics.json's final numbers in the TensorBoard HPARAMS tab and the W&B run
   summary, then the W&B run is closed (a sweep's next job starts its own run);
 - ``abort_loggers``: a run that raised closes its W&B run as failed.
@@ -63,9 +65,56 @@ def _kind(logger) -> str:
 
 
 def log_hyperparameters(loggers: Iterable, config: dict[str, Any]) -> None:
-    """The resolved config (nested) as each logger's hyperparameters."""
+    """The resolved config (nested) as each logger's hyperparameters; TensorBoard and W&B then
+    take each evaluation once (``log_each_point_once``)."""
+    loggers = list(loggers)
     for logger in loggers:
         logger.log_hyperparams(config)
+    log_each_point_once(loggers)
+
+
+def log_each_point_once(loggers: Iterable) -> None:
+    """TensorBoard and W&B get each evaluation once.
+
+    After ``fit``, the final ``trainer.test`` evaluates the weights that the in-training
+    evaluation at the end of the last epoch (the validation loop, its split named "test") has
+    just evaluated; Lightning logged both, one step apart (the evaluation at step S − 1, the
+    test at S), so every run had a second ``test/acc`` and ``test/loss`` point at its end.
+    Dropped here: while the trainer tests, a metric last logged at this step or the one before
+    (no training step in between: the same weights); at any time, a metric logged a second
+    time at one step. A final test after an epoch that was not evaluated is logged as usual.
+    The CSV log keeps every row (``sharpbench.curves`` tells them apart); ``epoch``, which
+    Lightning adds to every call, is passed through."""
+    for logger in loggers:
+        if _kind(logger) not in ("TensorBoardLogger", "WandbLogger") or getattr(logger, "_sharpbench_once", False):
+            continue
+        original = getattr(logger, "log_metrics", None)
+        if original is None:
+            continue
+        last_step: dict[str, int] = {}  # metric -> the step it was last logged at
+
+        def log_metrics(metrics, step=None, _original=original, _last=last_step):
+            if step is None:
+                return _original(metrics, step)
+            testing = _testing()
+
+            def repeat(key):
+                seen = _last.get(key)
+                return seen is not None and (seen == step or (testing and step - 1 <= seen <= step))
+            fresh = {k: v for k, v in metrics.items() if k == "epoch" or not repeat(k)}
+            if not any(k != "epoch" for k in fresh):
+                return None
+            _last.update({k: step for k in fresh if k != "epoch"})
+            return _original(fresh, step)
+
+        logger.log_metrics = log_metrics
+        logger._sharpbench_once = True
+
+
+def _testing() -> bool:
+    """Whether the run's trainer (the one ``sharpbench.lifecycle`` watches) is in ``test``."""
+    from .lifecycle import LIFETIME
+    return bool(getattr(LIFETIME.trainer, "testing", False))
 
 
 def finish_loggers(loggers: Iterable, record: dict[str, Any], config: dict[str, Any]) -> None:

@@ -48,10 +48,19 @@ def smoke_run(tmp_path_factory):
     return run_dir, captured["init"], cfg
 
 
-def test_analyze_writes_results_and_figures(smoke_run):
+def test_analyze_writes_results_and_figures(smoke_run, monkeypatch):
     run_dir, _, _ = smoke_run
     ckpt = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    drawn = {}
+    real_density = an.plots.plot_density
+
+    def plot_density(*args, **kwargs):
+        drawn.update(kwargs)
+        return real_density(*args, **kwargs)
+    monkeypatch.setattr(an.plots, "plot_density", plot_density)
     an.analyze(analyze_cfg(run_dir, "what=[eigen,trace,density,sharpness,landscape,line]"))
+    # the density says which run it shows, in its method's colour (it named neither)
+    assert "sam seed 0 (tiny_cnn" in drawn["title"] and drawn["method"] == "sam"
     result = json.loads((run_dir / "sharpness.json").read_text())
     assert len(result["eigen"]["eigenvalues"]) == 3 and result["eigen"]["lambda_max"] == result["eigen"]["eigenvalues"][0]
     assert 0 <= result["eigen"]["grad_eigvec_angle_deg"] <= 90

@@ -58,6 +58,12 @@ def test_a_short_run_logs_every_step_its_config_and_finals(compose_cfg, tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert events.Scalars("final/test_acc")[-1].value == pytest.approx(record["test_acc"])
+    # each evaluation once: two in-training points, the final test (same weights, same step)
+    # not logged again (it was: a third test/acc point at the last step)
+    for tag in ("test/acc", "test/loss"):
+        points = events.Scalars(tag)
+        assert len(points) == 2 and len({p.step for p in points}) == 2, (tag, points)
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(record["test_acc"])
     plugin = events.PluginTagToContent("hparams")
     assert plugin and any(b"optimizer/name" in v for v in plugin.values())
 
@@ -81,6 +87,38 @@ def test_wandb_run_gets_the_config_and_the_final_numbers(tmp_path, monkeypatch):
     assert run.summary["status"] == "completed"
     assert finished  # closed, so a sweep's next job starts its own W&B run
     real_finish()
+
+
+def test_tensorboard_and_wandb_take_each_evaluation_once(monkeypatch):
+    from sharpbench.lifecycle import LIFETIME
+    from sharpbench.run_logging import log_each_point_once
+    calls = {}
+
+    def fake(kind):
+        def log_metrics(self, metrics, step=None):
+            calls.setdefault(kind, []).append((dict(metrics), step))
+        return type(kind, (), {"log_metrics": log_metrics, "log_hyperparams": lambda self, *a, **k: None})()
+
+    tb, wb, csv = fake("TensorBoardLogger"), fake("WandbLogger"), fake("CSVLogger")
+    log_hyperparameters([tb, wb, csv], {})
+    log_each_point_once([tb])  # a second call does not wrap twice
+    trainer = SimpleNamespace(testing=False)
+    monkeypatch.setattr(LIFETIME, "trainer", trainer)
+    for logger in (tb, wb, csv):
+        trainer.testing = False
+        logger.log_metrics({"test/acc": 40.0, "epoch": 0}, step=3)                # epoch 1's evaluation
+        logger.log_metrics({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, step=7)  # epoch 2's
+        logger.log_metrics({"test/acc": 50.0, "train/x": 2.0, "epoch": 1}, step=7)   # again at step 7
+        trainer.testing = True   # trainer.test after fit: the same weights, logged at step 8
+        logger.log_metrics(metrics={"test/acc": 50.0, "test/loss": 1.0, "epoch": 2}, step=8)
+    expected = [({"test/acc": 40.0, "epoch": 0}, 3), ({"test/acc": 50.0, "test/loss": 1.0, "epoch": 1}, 7),
+                ({"train/x": 2.0, "epoch": 1}, 7)]
+    assert calls["TensorBoardLogger"] == expected and calls["WandbLogger"] == expected
+    assert len(calls["CSVLogger"]) == 4  # the CSV keeps every row (curves reads it)
+    # a final test after an epoch that was not evaluated is logged
+    trainer.testing = True
+    tb.log_metrics({"test/acc": 55.0, "epoch": 3}, step=16)
+    assert calls["TensorBoardLogger"][-1] == ({"test/acc": 55.0, "epoch": 3}, 16)
 
 
 def test_lightning_log_is_called_on_logging_steps_only(compose_cfg, tmp_path, monkeypatch):

@@ -90,7 +90,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def landscape_panels(runs: pd.DataFrame) -> list[tuple[str, Any]]:
+def landscape_panels(runs: pd.DataFrame, methods: list[str] | None = None) -> list[tuple[str, Any]]:
+    """One (label, surface) per (dataset, method, setting); ``methods``, when given, receives
+    each panel's method (its colour)."""
     from ..report import method_label
     from .landscape import load_surface
     items = []
@@ -100,6 +102,8 @@ def landscape_panels(runs: pd.DataFrame) -> list[tuple[str, Any]]:
             if npz.exists():
                 items.append((f"{method_label(method, setting or '')} · {dataset} · seed {int(run.seed)}",
                               load_surface(npz)))
+                if methods is not None:
+                    methods.append(str(method))
                 break
     return items
 
@@ -118,9 +122,11 @@ def write_sharpness_outputs(df: pd.DataFrame, out: Path, figures: bool = True) -
         paths.update(sharpness_csv=out / "sharpness.csv", sharpness_md=out / "sharpness.md")
     if figures:
         done = counted(df)[["dataset", "method", "setting", "seed", "run_dir"]]
-        items = landscape_panels(done)
+        methods: list[str] = []
+        items = landscape_panels(done, methods)
         if items:
             from .plots import plot_surfaces
             paths["landscapes"] = plot_surfaces(items, out / "landscapes.png", "contour",
-                                                "loss surfaces (filter-normalised directions, same seed), one colour scale")
+                                                "loss surfaces (filter-normalised directions, same seed), one colour scale",
+                                                methods=methods)
     return paths

@@ -73,8 +73,9 @@ def start_line(cfg: Any, data: Any, run_dir: Path, device: str, precision: str) 
 
 def seconds_per_image(model: nn.Module, num_classes: int, probe_batch: int = 32) -> float:
     """Measured seconds of one training forward/backward per image on the CPU: one timed pass of
-    ``probe_batch`` random CIFAR-shaped images after a 2-image warm-up, on a copy of the model
-    (the run's weights, BatchNorm statistics and RNG streams are untouched)."""
+    ``probe_batch`` random CIFAR-shaped images (the run's own batch size: per-image time falls as
+    the batch grows, so a smaller probe over-estimates) after a 2-image warm-up, on a copy of the
+    model (the run's weights, BatchNorm statistics and RNG streams are untouched)."""
     net = copy.deepcopy(model).cpu().train()
     gen = torch.Generator().manual_seed(0)  # no draw from the global RNG streams
     x = torch.randn(probe_batch, 3, 32, 32, generator=gen)
@@ -104,9 +105,10 @@ def format_duration(seconds: float) -> str:
 def long_cpu_run_warning(estimate_s: float, epochs: int, passes_per_step: float,
                          s_per_image: float, batch_size: int) -> str:
     return (f"[sharpbench] no GPU: this run trains on the CPU for about {format_duration(estimate_s)} "
-            f"({epochs} epochs, {passes_per_step:g} passes/step, {s_per_image * batch_size:.2f} s "
-            "per pass of a batch, measured). For a quick check: experiment=smoke (tiny CNN, 2 "
-            "epochs, under a minute), or lower trainer.max_epochs / dataset.train_subset")
+            f"(estimated as {epochs} epochs × {passes_per_step:g} passes/step × "
+            f"{s_per_image * batch_size:.2f} s per forward/backward of a batch of {batch_size}, "
+            "timed once on this machine, plus evaluation). For a quick check: experiment=smoke "
+            "(tiny CNN, 2 epochs, under a minute), or lower trainer.max_epochs / dataset.train_subset")
 
 
 def nominal_passes_per_step(optimizer_cfg: Any) -> float:
@@ -117,6 +119,9 @@ def nominal_passes_per_step(optimizer_cfg: Any) -> float:
     probe = nn.Linear(2, 2)
     plain = OmegaConf.to_container(optimizer_cfg, resolve=True) if OmegaConf.is_config(optimizer_cfg) else dict(optimizer_cfg)
     return float(getattr(build_optimizer(probe, plain), "passes_per_step", 1.0))
+
+
+PROBE_BATCH_MAX = 256  # the timing probe's batch: the run's own, capped (memory)
 
 
 def announce_start(cfg: Any, data: Any, model: nn.Module, run_dir: Path, *, on_gpu: bool,
@@ -131,7 +136,8 @@ def announce_start(cfg: Any, data: Any, model: nn.Module, run_dir: Path, *, on_g
     train_images = len(data.train_y)
     if epochs * train_images * passes < MIN_IMAGE_PASSES_TO_TIME:
         return None
-    s_img = seconds_per_image(model, data.num_classes, probe_batch=min(32, int(cfg.dataset.batch_size)))
+    s_img = seconds_per_image(model, data.num_classes,
+                              probe_batch=min(PROBE_BATCH_MAX, int(cfg.dataset.batch_size)))
     eval_images = _eval_images(data)
     estimate = cpu_estimate_s(s_img, train_images=train_images, eval_images=eval_images,
                               epochs=epochs, passes_per_step=passes)

@@ -98,7 +98,9 @@ def test_long_cpu_run_warns_once_with_the_estimate(monkeypatch, caplog):
                             "model": {"name": "resnet18"}, "trainer": {"max_epochs": 80}})
     splits = SimpleNamespace(test_y=torch.zeros(10_000), has_val=False)
     data = SimpleNamespace(train_y=torch.zeros(50_000), num_classes=10, splits=splits)
-    monkeypatch.setattr(console, "seconds_per_image", lambda model, n, probe_batch: 0.01)
+    probes = []
+    monkeypatch.setattr(console, "seconds_per_image",
+                        lambda model, n, probe_batch: probes.append(probe_batch) or 0.01)
     with caplog.at_level("INFO", logger="sharpbench"):
         estimate = console.announce_start(cfg, data, torch.nn.Linear(1, 1), Path("/runs/x"),
                                           on_gpu=False, precision="32")
@@ -106,6 +108,8 @@ def test_long_cpu_run_warns_once_with_the_estimate(monkeypatch, caplog):
     assert estimate == pytest.approx(80 * (100_000 + 10_000 / 3) * 0.01)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "about 23.0 h" in warnings[0] and "experiment=smoke" in warnings[0]
+    assert probes == [128]  # timed at the run's own batch size (a batch of 32 over-estimates)
+    assert "batch of 128" in warnings[0] and "2 passes/step" in warnings[0]
     caplog.clear()
     assert console.announce_start(cfg, data, torch.nn.Linear(1, 1), Path("/r"), on_gpu=True,
                                   precision="bf16-mixed") is None

@@ -1,26 +1,29 @@
 """A run's life in its folder, from process start to exit: one signal handler for all of it, a
-lock on the folder, start-up checks, and records that survive a full disk.
+lock on the folder, start-up checks, and the resume command of a stopped run.
 
-Signals (SIGTERM and SIGUSR1: preemption, a SLURM time limit; SIGINT: Ctrl-C). One handler is
-installed when the process starts and kept until it exits; Lightning's own is not installed. The
-first signal decides the outcome; later ones are logged and ignored, so the record is always
-written. What it does depends on the phase:
+Signals: SIGTERM and SIGUSR1 (preemption, a SLURM time limit), SIGUSR2 (submitit's requeue
+signal under SLURM; also whatever ``$SUBMITIT_PREEMPT_SIGNAL`` names), SIGINT (Ctrl-C). One
+handler is installed when the process starts and kept until it exits; Lightning's own handler is
+put back to ours whenever Lightning installs it (``runtime.StopAtSafePoint``). The first signal
+decides the outcome; later ones are logged and ignored, so the record is always written. The
+handler itself only notes the signal (a signal can arrive anywhere, even inside an import); the
+run stops at the next safe point of its phase:
 
-- ``startup`` (config checks, data decoding, model build) and ``test``: stop at once
-  (``Interrupted`` is raised where the program is);
-- ``fit``: stop at the next safe point: after the current training batch (its checkpoint saved),
-  or, on an epoch's last batch, after that epoch's evaluation and end-of-epoch checkpoint, so the
-  checkpoint never holds a half-finished epoch end;
+- ``early`` (``python -m sharpbench.train`` importing its libraries) and ``startup`` (config
+  checks, the folder claimed, data decoding, model build): at the next check between those steps
+  (``ProcessLifetime.stop_here``; before the folder is claimed the process exits with nothing
+  recorded, after it a record with the resume command is written);
+- ``fit``: after the current training batch (its checkpoint saved), or, on an epoch's last
+  batch, after that epoch's evaluation and end-of-epoch checkpoint, so the checkpoint never holds
+  a half-finished epoch end;
+- ``test``: at once (``Interrupted`` is raised where the program is; the weights are saved);
 - ``finish`` (writing the record): note it and finish.
 
-The run then records ``status: preempted`` (SIGTERM, SIGUSR1) or ``interrupted`` (SIGINT),
-prints the command that resumes it, and exits with ``128 + signal`` (130 for Ctrl-C, 143 for
-SIGTERM, 138 for SIGUSR1).
-
-A record that cannot be written because the disk is full is written again after deleting a small
-file reserved for it at start-up (``.sharpbench_reserve``); if that fails too it goes to a
-fallback folder (``$SHARPBENCH_FALLBACK_DIR``, else the system's temporary folder) and its path
-is printed.
+The run then records ``status: preempted`` (SIGTERM, SIGUSR1, SIGUSR2) or ``interrupted``
+(SIGINT) with the command that resumes it, and exits with ``128 + signal`` (130 for Ctrl-C, 143
+for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2). A handler that was installed before ours for the
+stopping signal (submitit's: it requeues the job) is called after the record is written
+(``ProcessLifetime.pass_on``), so a SLURM job is still requeued.
 """
 from __future__ import annotations
 
@@ -39,18 +42,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .fileio import remove_stale_temporaries
+from .record import METRICS_FILE, config_hash, read_record, write_record
+from .run_identity import identity_hash
+
 log = logging.getLogger("sharpbench")
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
-                            getattr(signal, "SIGINT", None)) if s is not None)
-RESERVE_FILE = ".sharpbench_reserve"
-RESERVE_BYTES = 256 * 1024
 LOCK_FILE = ".sharpbench.lock"
-METRICS_FILE = "metrics.json"
+PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+STOP_PHASES = ("early", "startup")  # a signal stops the run at the next ``stop_here``
+
+
+def handled_signals() -> tuple[int, ...]:
+    """SIGTERM, SIGUSR1, SIGUSR2, SIGINT, and the signal ``$SUBMITIT_PREEMPT_SIGNAL`` names."""
+    names = ["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]
+    extra = os.environ.get(PREEMPT_SIGNAL_ENV, "").strip().upper()
+    if extra:
+        names.append(extra if extra.startswith("SIG") else f"SIG{extra}")
+    found = [getattr(signal, n, None) for n in names]
+    out: list[int] = []
+    for s in found:
+        if s is not None and s not in out and s not in (signal.SIGKILL, signal.SIGSTOP):
+            out.append(s)
+    return tuple(out)
 
 
 class Interrupted(BaseException):
-    """Raised where the program is when a signal arrives outside training (start-up, test).
+    """Raised at a safe point (or, in ``test``, where the program is) when a signal came.
 
     A ``BaseException``, so that no ``except Exception`` on the way swallows it."""
 
@@ -77,12 +95,11 @@ def exit_code_of_signal(signum: int) -> int:
 
 # ----------------------------------------------------------------------------------- signals
 class ProcessLifetime:
-    """The process's one handler for SIGTERM, SIGUSR1 and SIGINT (see the module docstring)."""
+    """The process's one handler for the stop signals (see the module docstring)."""
 
     def __init__(self) -> None:
         self.phase = "startup"
         self.signum: int | None = None
-        self.trainer = None
         self._previous: dict[int, Any] = {}
         self._installed = 0
 
@@ -94,7 +111,7 @@ class ProcessLifetime:
         if self._installed == 0:
             self.reset()
             self.phase = phase
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in handled_signals()}
         self._installed += 1
         return self
 
@@ -107,16 +124,24 @@ class ProcessLifetime:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
             self._previous = {}
 
+    def reassert(self) -> None:
+        """Put our handler back where someone else (Lightning, at ``fit``/``test``) replaced it;
+        whatever they restore later is ours again anyway."""
+        if self._installed and threading.current_thread() is threading.main_thread():
+            for s in self._previous:
+                if signal.getsignal(s) != self._handle:
+                    signal.signal(s, self._handle)
+
     def ignore_further(self) -> None:
         """Ignore these signals from now on (the process is exiting with its record written).
         Python restores default handlers while it shuts down, so a late signal would otherwise
         kill it and replace the exit code."""
         if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
+            for s in handled_signals():
                 signal.signal(s, signal.SIG_IGN)
 
     def reset(self) -> None:
-        self.phase, self.signum, self.trainer = "startup", None, None
+        self.phase, self.signum = "startup", None
 
     def __enter__(self) -> "ProcessLifetime":
         return self.install()
@@ -129,18 +154,21 @@ class ProcessLifetime:
         return self._installed > 0
 
     # phases ---------------------------------------------------------------------------------
-    def enter(self, phase: str, trainer=None) -> None:
+    def enter(self, phase: str) -> None:
         """Move to ``phase``; a signal that arrived just before takes effect now."""
         self.phase = phase
-        if trainer is not None:
-            self.trainer = trainer
-        if self.signum is not None and phase in ("startup", "test"):
+        if phase in ("startup", "test"):
+            self.stop_here()
+
+    def stop_here(self) -> None:
+        """A safe point of start-up: raise ``Interrupted`` if a signal came since the last one."""
+        if self.signum is not None and self.phase in (*STOP_PHASES, "test"):
             raise Interrupted(self.signum)
 
     @contextmanager
-    def watching(self, trainer):
-        """Phase ``fit`` for ``trainer`` (signals stop it at a safe point), ``finish`` after."""
-        self.enter("fit", trainer)
+    def watching(self):
+        """Phase ``fit`` (signals stop training at a safe point), ``finish`` after."""
+        self.phase = "fit"
         try:
             yield self
         finally:
@@ -150,55 +178,72 @@ class ProcessLifetime:
         return status_of_signal(self.signum) if self.signum is not None else "preempted"
 
     def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.phase == "early":  # before the run folder is known: nothing to record
-            print(f"[sharpbench] stopped by {name} before the run started; nothing was written",
-                  file=sys.stderr)
-            raise SystemExit(exit_code_of_signal(signum))
+        # Runs between any two bytecodes of the main thread (inside imports, logging, ...): it
+        # only notes the signal, except in ``test`` (see the module docstring).
         if self.signum is not None:
-            log.warning("received %s while already stopping (%s): finishing the record first",
-                        name, signal.Signals(self.signum).name)
+            if self.phase not in ("early",):
+                log.warning("received %s while already stopping (%s): finishing the record first",
+                            signal.Signals(signum).name, signal.Signals(self.signum).name)
             return
         self.signum = signum
-        if self.phase in ("startup", "test"):
-            log.warning("received %s: stopping (%s)", name, self.phase)
+        if self.phase == "early":
+            return
+        name = signal.Signals(signum).name
+        if self.phase == "test":
+            log.warning("received %s: stopping (test)", name)
             raise Interrupted(signum)
-        if self.phase == "fit":
+        if self.phase == "startup":
+            log.warning("received %s: stopping before training starts", name)
+        elif self.phase == "fit":
             log.warning("received %s: stopping after this batch with a checkpoint", name)
         else:
             log.warning("received %s while writing the record: finishing it first", name)
+
+    def pass_on(self) -> None:
+        """Call the handler that was installed before ours for the stopping signal, now that the
+        run is stopped and recorded: under submitit that handler requeues the job (and exits).
+        Python's own SIGINT handler (``KeyboardInterrupt``) and the defaults are not called."""
+        if self.signum is None:
+            return
+        previous = self._previous.get(self.signum)
+        if callable(previous) and previous is not signal.default_int_handler \
+                and previous != self._handle:
+            log.info("passing %s on to the handler installed before sharpbench's (%s)",
+                     signal.Signals(self.signum).name, getattr(previous, "__qualname__", previous))
+            previous(self.signum, None)
+
+    def exit_if_stopped_early(self) -> None:
+        """``python -m sharpbench.train``: a signal during the start-up imports ends the process
+        here, before any folder is claimed, with the signal's exit code."""
+        if self.signum is not None and self.phase == "early":
+            print(f"[sharpbench] stopped by {signal.Signals(self.signum).name} before the run "
+                  "started; nothing was written", file=sys.stderr, flush=True)
+            self.phase = "finish"
+            self.pass_on()
+            self.ignore_further()
+            sys.exit(exit_code_of_signal(self.signum))
 
 
 LIFETIME = ProcessLifetime()
 
 
-def keep_lightning_off_signals(trainer) -> None:
-    """Lightning installs its own SIGTERM handler during ``fit`` and restores the previous one
-    afterwards; with ours covering the whole process that would open gaps, so it is skipped."""
-    connector = trainer._signal_connector
-    connector.register_signal_handlers = lambda: setattr(connector, "received_sigterm", False)
-    connector.teardown = lambda: None
-
-
 @contextmanager
 def claim_folder(run_dir: Path):
     """Hold ``run_dir`` for one run: the signal handler installed (phase ``startup``), the folder
-    locked, checked for writing, cleaned of interrupted saves, space reserved for the record.
-    DDP ranks other than 0 only install the handler: the folder is rank 0's."""
+    locked, checked for writing, cleaned of interrupted saves. DDP ranks other than 0 only install
+    the handler: the folder is rank 0's."""
     run_dir = Path(run_dir)
     LIFETIME.install()
-    LIFETIME.enter("startup")
+    LIFETIME.phase = "startup"
     lock = RunFolderLock(run_dir) if is_rank_zero() else None
     try:
         if lock is not None:
             lock.acquire()
             check_writable(run_dir, run_dir / "checkpoints")
             clean_stale_temporaries(run_dir)
-            reserve_space(run_dir)
         yield run_dir
     finally:
         if lock is not None:
-            release_reserve(run_dir)
             lock.release()
         LIFETIME.uninstall()
 
@@ -216,7 +261,6 @@ def complete_record(record: dict[str, Any], run_dir: Path, overrides: list[str])
 
 def record_early_stop(summary: dict[str, Any], settled, overrides: list[str], signum: int) -> dict[str, Any]:
     """The record of a run stopped by a signal before training began (nothing to checkpoint)."""
-    from .record import config_hash
     LIFETIME.phase = "finish"
     record = {**summary, "status": status_of_signal(signum), "config": settled.identity,
               "config_hash": config_hash(settled.identity), "overrides": overrides,
@@ -310,84 +354,19 @@ def check_writable(*folders: Path) -> None:
 
 
 def clean_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of saves interrupted by a kill (``.last.ckpt.*.tmp`` …); run
-    only while holding the folder's lock, so no live save is touched."""
+    """Delete the temporary files of writes interrupted by a kill (``.last.ckpt.*.tmp`` …) in the
+    run folder, ``checkpoints/`` and ``csv/``; run only while holding the folder's lock, so no
+    live write is touched."""
     removed = []
-    for folder in (run_dir, run_dir / "checkpoints"):
-        for tmp in folder.glob(".*.tmp"):
-            try:
-                size = tmp.stat().st_size
-                tmp.unlink()
-                removed.append(tmp)
-                log.info("removed %s (%.1f MB) left by an interrupted save", tmp, size / 2**20)
-            except OSError:
-                pass
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "csv"):
+        removed += remove_stale_temporaries(folder)
     return removed
-
-
-# ---------------------------------------------------------------------- records on a full disk
-def reserve_space(run_dir: Path, nbytes: int = RESERVE_BYTES) -> None:
-    """Hold ``nbytes`` of real blocks in the run folder, released to write a record when full."""
-    path = Path(run_dir) / RESERVE_FILE
-    try:
-        with open(path, "wb") as f:
-            f.write(b"\0" * nbytes)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        log.warning("could not reserve space for the run record in %s: %s", run_dir, err)
-
-
-def release_reserve(run_dir: Path) -> bool:
-    try:
-        os.unlink(Path(run_dir) / RESERVE_FILE)
-        return True
-    except OSError:
-        return False
-
-
-def fallback_dir() -> Path:
-    return Path(os.environ.get("SHARPBENCH_FALLBACK_DIR") or
-                Path(tempfile.gettempdir()) / "sharpbench-records")
-
-
-def write_record(run_dir: Path, record: dict[str, Any], name: str = METRICS_FILE) -> Path:
-    """Write ``record`` to ``<run dir>/<name>`` atomically; on a full disk free the reserve and
-    try again; failing that, write it to the fallback folder. Returns where it went."""
-    from .record import atomic_write_text
-    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    path = Path(run_dir) / name
-    try:
-        atomic_write_text(path, text)
-        return path
-    except OSError as first:
-        if release_reserve(run_dir):
-            try:
-                atomic_write_text(path, text)
-                log.warning("the disk is full: wrote %s using the space reserved for it", path)
-                return path
-            except OSError:
-                pass
-        fallback = fallback_dir() / f"{Path(run_dir).resolve().name}.{int(time.time())}.{name}"
-        atomic_write_text(fallback, text)
-        log.error("could not write %s (%s); the record is at %s", path, first, fallback)
-        print(f"[sharpbench] could not write {path} ({first.strerror or first}); record written "
-              f"to {fallback}", file=sys.stderr)
-        return fallback
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def failure_destination(run_dir: Path, status: str, ident_hash: str | None) -> str:
     """``metrics.json``, unless that would replace a completed record, or the record of another
     run's training (another config hash; preempted, interrupted, diverged): the failure then goes
     beside it, to ``metrics.<status>.json``. Earlier failures are replaced."""
-    from .run_identity import identity_hash
     previous = read_record(Path(run_dir) / METRICS_FILE)
     if previous is None or previous.get("status") in ("failed", "invalid_config"):
         return METRICS_FILE

@@ -21,7 +21,7 @@ from sharpbench.eval import evaluate
 from sharpbench.export import load_model
 from sharpbench.models import build_model
 from sharpbench.module import SharpnessModule
-from sharpbench.record import atomic_write_text
+from sharpbench.fileio import atomic_write_text
 from sharpbench.schedule import ScheduleConfigError, check_schedule, lr_multiplier
 from sharpbench.sweep_dirs import job_dir_name, register_resolver
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 if __name__ == "__main__":  # one signal handler for the whole process, from before the imports;
     # a signal now is only noted, and ends the process at main()'s first line (sharpbench.lifecycle)
-    from sharpbench.lifecycle import LIFETIME as _LIFETIME
+    from sharpbench.signals import LIFETIME as _LIFETIME
     _LIFETIME.install(phase="early")
 
 import logging

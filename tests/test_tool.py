@@ -226,7 +226,7 @@ def test_sweep_folder_names_leave_out_where_keys():
 
 
 def test_long_sweep_folder_names_become_prefix_plus_hash():
-    long = ["optimizer=sam", f"run_name={'x' * 300}", "seed=3"]
+    long = ["optimizer=sam", f"schedule.name={'x' * 300}", "seed=3"]  # (run_name names no folder)
     name = sweep_subdir(long)
     assert len(name.encode()) <= 200 and name.startswith("optimizer=sam-")
     assert name == sweep_subdir(long)  # stable: a re-run finds the same folder

@@ -88,6 +88,40 @@ def git_sha() -> str | None:
         return None
 
 
+def code_version() -> str:
+    """What code trains: the git commit of the checkout (``+dirty`` with uncommitted changes),
+    else the installed package's version."""
+    sha = git_sha()
+    if sha:
+        try:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5,
+                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            dirty = ""
+        return f"git:{sha}{'+dirty' if dirty else ''}"
+    try:
+        from importlib.metadata import version
+        return f"sharpbench {version('sharpbench')}"
+    except Exception:  # not installed either
+        return "unknown"
+
+
+def code_segments(previous: list[dict[str, Any]] | None, resume_step: int | None) -> list[dict[str, Any]]:
+    """The training segments of a run so far, this process's last: ``code_version`` and the
+    ``from_step`` each began at. A checkpoint written before segments were recorded counts as
+    one segment of unknown code."""
+    segments = [dict(s) for s in (previous or [])]
+    if resume_step and not segments:
+        segments = [{"code_version": None, "from_step": 0}]
+    return [*segments, {"code_version": code_version(), "from_step": int(resume_step or 0),
+                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+
+
+def continued_by_other_code(segments: list[dict[str, Any]]) -> bool:
+    return len({s.get("code_version") for s in segments}) > 1
+
+
 def hardware() -> dict[str, Any]:
     info = {"hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
@@ -222,7 +256,8 @@ def step_cost(module, opt) -> dict[str, Any]:
 
 def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status: str,
                  overrides: list[str], config: dict, started_at: float,
-                 error: str | None = None) -> dict[str, Any]:
+                 error: str | None = None,
+                 segments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Assemble metrics.json from what the run measured."""
     device = module.device
     steps = max(1, module.steps_done)
@@ -259,6 +294,8 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "precision": module.precision_name,
         "torch_version": torch.__version__,
         "git_sha": git_sha(),
+        "code_segments": segments or code_segments(None, None),
+        "continued_by_other_code": continued_by_other_code(segments or []),
         "hardware": hardware(),
         "overrides": overrides,
         "config": config,

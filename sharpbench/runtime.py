@@ -17,15 +17,18 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 
 from . import compat
 from .checks import ConfigError
+from .data.sources import CIFAR_NUM_CLASSES
 from .fileio import atomic_file, atomic_torch_save
 from .lifecycle import LIFETIME, ProcessLifetime, StartupError
+from .models import build_model
 from .module import DivergenceError
-from .record import METRICS_FILE, read_record
-from .run_identity import (CHECKPOINT_KEY, as_found, check_on_config_change,
-                           identity, refuse, same_run, stored_identity)
+from .record import METRICS_FILE, code_segments, continued_by_other_code, read_record
+from .run_identity import (CHECKPOINT_KEY, WAYS_OUT, IdentityMismatch, as_found,
+                           check_on_config_change, identity, refuse, same_run, stored_identity)
 
 log = logging.getLogger("sharpbench")
 
@@ -176,10 +179,12 @@ class LastCheckpoint(Checkpoint):
     (training loss, accuracy, epoch time), not the previous epoch's."""
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None,
-                 identity: dict[str, Any] | None = None):
+                 identity: dict[str, Any] | None = None,
+                 segments: list[dict[str, Any]] | None = None):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps = every_n_steps
         self.identity = identity
+        self.segments = segments
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path)
@@ -187,6 +192,8 @@ class LastCheckpoint(Checkpoint):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.identity is not None:
             checkpoint[CHECKPOINT_KEY] = self.identity
+        if self.segments is not None:
+            checkpoint[SEGMENTS_KEY] = self.segments
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (self.every_n_steps and trainer.global_step % self.every_n_steps == 0
@@ -343,6 +350,9 @@ def resolve_precision(value: str) -> str:
 
 
 # ------------------------------------------------------------------- what to do with the folder
+SEGMENTS_KEY = "sharpbench_code_segments"  # record.code_segments of the run so far
+
+
 class Settled:
     """What ``settle`` decided: run ``identity`` in ``run_dir`` from ``ckpt_path`` (or from
     scratch), or return ``skip`` (the completed record of this very run)."""
@@ -355,6 +365,18 @@ class Settled:
     @property
     def resume_step(self) -> int | None:
         return int(self.checkpoint.get("global_step", 0)) if self.checkpoint is not None else None
+
+    def code_segments(self) -> list[dict[str, Any]]:
+        """The run's training segments, this process's included (``record.code_segments``);
+        says so when the run continues with code other than what trained it so far."""
+        previous = self.checkpoint.get(SEGMENTS_KEY) if self.checkpoint is not None else None
+        segments = code_segments(previous, self.resume_step)
+        if continued_by_other_code(segments):
+            before = sorted({str(s.get("code_version") or "an unrecorded version") for s in segments[:-1]})
+            log.warning("this run was trained up to step %s by %s and continues with %s: its "
+                        "record says so (code_segments, continued_by_other_code)",
+                        self.resume_step, ", ".join(before), segments[-1]["code_version"])
+        return segments
 
     def checkpoint_io(self) -> AtomicCheckpointIO:
         """The run's checkpoint IO, holding the checkpoint read here (Lightning reuses it)."""
@@ -383,9 +405,61 @@ def settle(cfg, run_dir: Path) -> Settled:
         return Settled(ident, run_dir)
     found = stored_identity(checkpoint)
     if found is None:
-        log.warning("%s has no stored run identity (written by an older sharpbench): its config "
-                    "cannot be checked against this one", ckpt_path)
+        check_unidentified(cfg, checkpoint, ckpt_path)
+        log.warning("%s has no stored run identity (written by an older sharpbench): only its "
+                    "architecture, parameter shapes and optimizer could be checked against this "
+                    "config", ckpt_path)
         return Settled(ident, run_dir, ckpt_path, checkpoint)
     if same_run(found, ident):
         return Settled(as_found(found, ident), run_dir, ckpt_path, checkpoint)
     raise refuse(found, ident, f"checkpoint {ckpt_path}")
+
+
+def check_unidentified(cfg, checkpoint: dict[str, Any], ckpt_path: str | None) -> None:
+    """A checkpoint without a stored identity (older versions): check what can be checked, the
+    architecture, the parameter names and shapes, and the optimizer, and refuse one that does not
+    fit this config with a message (instead of ``size mismatch`` or ``KeyError`` in Lightning)."""
+    problems = []
+    hp = checkpoint.get("hyper_parameters") or {}
+    model_name, old_model = str(cfg.model.name), (hp.get("model_cfg") or {}).get("name")
+    if old_model and old_model != model_name:
+        problems.append(f"model {old_model!r} (this config: {model_name!r})")
+    opt_name, old_opt = str(cfg.optimizer.name), (hp.get("optimizer_cfg") or {}).get("name")
+    if old_opt and old_opt != opt_name:
+        problems.append(f"optimizer {old_opt!r} (this config: {opt_name!r})")
+    states = checkpoint.get("optimizer_states") or []
+    if not old_opt and states and isinstance(states[0], dict):
+        wraps = "base_optimizer" in states[0]
+        if wraps != (cfg.optimizer.get("base") is not None):
+            problems.append("a sharpness-aware optimizer's state" if wraps else
+                            "a one-pass optimizer's state (no base_optimizer)")
+    if not problems:
+        problems += parameter_differences(cfg, checkpoint.get("state_dict") or {})
+    if problems:
+        raise IdentityMismatch(
+            f"checkpoint {ckpt_path} has no stored run identity (written by an older sharpbench) "
+            f"and does not fit this configuration: it holds {'; '.join(problems[:6])}"
+            f"{' …' if len(problems) > 6 else ''}. Resume it with the settings it was trained "
+            f"with. {WAYS_OUT}")
+
+
+def parameter_differences(cfg, state_dict: dict[str, Any]) -> list[str]:
+    """The network's parameters that the checkpoint lacks, has extra or holds in another shape."""
+    num_classes = (CIFAR_NUM_CLASSES.get(str(cfg.dataset.name))
+                   or int(cfg.dataset.get("num_classes") or 10))
+    try:
+        model = build_model(**{**OmegaConf.to_container(cfg.model, resolve=True),
+                               "num_classes": num_classes})
+    except Exception:  # the config check reports a bad model config
+        return []
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k[len("model."):]: tuple(v.shape) for k, v in state_dict.items()
+            if k.startswith("model.") and hasattr(v, "shape")}
+    out = [f"{k} of shape {list(have[k])} (this config: {list(want[k])})"
+           for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing:
+        out.append(f"no {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+    if extra:
+        out.append(f"extra {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+    return out

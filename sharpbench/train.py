@@ -53,10 +53,11 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
                   resume_step: int | None = None, ident: dict[str, Any] | None = None,
-                  checkpoint_io: AtomicCheckpointIO | None = None) -> L.Trainer:
+                  checkpoint_io: AtomicCheckpointIO | None = None,
+                  segments: list[dict[str, Any]] | None = None) -> L.Trainer:
     t = cfg.trainer
     last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None,
-                          identity=ident)
+                          identity=ident, segments=segments)
     bar = [console.progress_bar()] if t.get("enable_progress_bar", True) else []
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
@@ -134,7 +135,9 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         console.announce_start(cfg, data, model, run_dir, on_gpu=cuda, precision=precision)
     timer = RunTimer()
-    trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io())
+    segments = settled.code_segments()  # which code trained which steps
+    trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io(),
+                            segments)
     log_hyperparameters(trainer.loggers, ident)
     LIFETIME.stop_here()  # the last safe point before training
     status, error = "completed", None
@@ -157,7 +160,7 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         status = "interrupted"
     record = build_record(cfg_summary=summary(cfg), module=module, timer=timer, trainer=trainer,
                           status=status, overrides=overrides, config=ident, started_at=started,
-                          error=error)
+                          error=error, segments=segments)
     record.update(group_accuracy(module, data))
     lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 import sharpbench.train as train_mod
 from sharpbench import lifecycle, record, runtime, sweep_status
 from sharpbench.checks import ConfigError
-from sharpbench.run_identity import IdentityMismatch
+from sharpbench.run_identity import CHECKPOINT_KEY, IdentityMismatch
 from sharpbench.train import train, write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -454,6 +454,53 @@ def test_a_preempted_checkpoint_of_another_config_is_refused(finished):
     (run / "metrics.json").unlink()
     with pytest.raises(IdentityMismatch, match=r"checkpoint .*last.ckpt.*trainer.max_epochs: 2 -> 3"):
         train(cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
+
+
+def without_identity(run):
+    """The folder's checkpoint as older versions wrote it: no run identity, no code segments."""
+    path = run / "checkpoints" / "last.ckpt"
+    old = torch.load(path, weights_only=False)
+    for key in (CHECKPOINT_KEY, runtime.SEGMENTS_KEY):
+        old.pop(key, None)
+    torch.save(old, path)
+    (run / "checkpoints" / "last.prev.ckpt").unlink()
+    (run / "metrics.json").unlink()
+
+
+@pytest.mark.parametrize("change", ["optimizer=sam", "++model.width=8"])
+def test_an_old_checkpoint_of_another_model_or_optimizer_is_refused_with_a_message(finished, change):
+    run, _, _ = finished
+    without_identity(run)
+    with pytest.raises(IdentityMismatch, match=r"no stored run identity .*does not fit") as err:
+        train(cfg("trainer.max_epochs=3", "ckpt_path=last", change), run)
+    assert ("optimizer 'sgd'" if change == "optimizer=sam" else "of shape") in str(err.value)
+    assert not (run / "metrics.json").exists()
+
+
+def test_an_old_checkpoint_that_fits_is_resumed(finished, caplog):
+    run, _, _ = finished
+    without_identity(run)
+    rec = train(cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert rec["status"] == "completed" and rec["steps"] == 24
+    assert "no stored run identity" in caplog.text
+    assert rec["code_segments"][0] == {"code_version": None, "from_step": 0}
+    assert rec["continued_by_other_code"] is True
+
+
+def test_a_run_continued_by_other_code_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(record, "code_version", lambda: "git:old")
+    inject(monkeypatch, At("on_train_batch_start", kill, lambda t: t.global_step == 10))
+    with pytest.raises(Kill):
+        train(cfg(), tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(record, "code_version", lambda: "git:new")
+    rec = train(cfg("ckpt_path=last"), tmp_path)
+    assert [(s["code_version"], s["from_step"]) for s in rec["code_segments"]] == [("git:old", 0),
+                                                                                  ("git:new", 8)]
+    assert rec["continued_by_other_code"] is True and metrics(tmp_path)["continued_by_other_code"]
+    assert "trained up to step 8 by git:old and continues with git:new" in caplog.text
+    same = train(cfg(), tmp_path / "again")
+    assert same["continued_by_other_code"] is False and len(same["code_segments"]) == 1
 
 
 def test_data_location_is_not_part_of_the_identity(finished, reference):

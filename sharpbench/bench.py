@@ -24,7 +24,7 @@ Sections (``sections=optim,driver,pipeline,compile``):
 Writes ``bench.md`` and ``bench.csv`` (atomically) under ``out``. Options, with defaults::
 
     model=resnet18 batch=128 device=auto precision=32 channels_last=false compile=false
-    methods=sgd,sam,asam,friendly_sam,ssam_f,ssam_d,imb_sam,gsam,a2sam,xsam,hatam,adamw
+    methods=<every registered method with bench=True: sharpbench.optim.registry>
     warmup=2 steps=2 repeats=3 count_steps=12 mlp_layers=200
     driver_models=tiny_cnn,resnet18 driver_methods=sgd,sam,adamw,hatam driver_steps=4 loader_workers=2
     compile_methods=sgd,sam compile_model=<model> sections=optim,driver,pipeline,compile
@@ -44,8 +44,9 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,8 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "imb_sam", "gsam", "a2sam",
-           "xsam", "hatam", "adamw")
+from .optim import registry
+from .optim.context import StepContext
+
+METHODS = tuple(name for name, info in registry.methods().items() if info.bench)
 SECTIONS = ("optim", "driver", "pipeline", "compile")
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DEFAULTS: dict[str, Any] = dict(
@@ -173,45 +176,58 @@ class StepHarness:
         if self.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, 10, (self.batch,), generator=gen).to(self.device)
-        self.tail = (TAIL_COUNTS <= getattr(self.opt, "class_threshold", 20)).to(self.device)
+        self.class_counts = TAIL_COUNTS.to(self.device)  # ImbSAM's head/tail split
         amp = PRECISIONS[self.precision]
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else nullcontext
 
     def _uncounted(self):
         return self.counts.paused() if self.counts is not None else nullcontext()
 
-    def closure(self, part: str | None = None):
-        from .optim.imbalanced import split_loss
+    def closure(self, reduce=None):
         self.passes += 1
         with self._uncounted():
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
                 logits = self.forward(self.x)
-            if part is None:
+            if reduce is None:
                 loss = F.cross_entropy(logits.float(), self.y)
             else:
-                loss = split_loss(F.cross_entropy(logits.float(), self.y, reduction="none"),
-                                  self.y, self.tail, part)
+                loss = reduce(F.cross_entropy(logits.float(), self.y, reduction="none"), self.y)
             loss.backward()
             return loss.detach()
 
-    def loss_closure(self):
+    def loss_closure(self, mode: str = "train"):
         from .optim.bn import frozen_bn_stats
         self.passes += 1
         self.extra_calls += 1
-        with self._uncounted(), frozen_bn_stats(self.model), self.autocast():
-            return F.cross_entropy(self.model(self.x).float(), self.y)
+        with self._uncounted(), self.autocast():
+            if mode == "eval":
+                self.model.eval()
+                try:
+                    return F.cross_entropy(self.model(self.x).float(), self.y)
+                finally:
+                    self.model.train()
+            with frozen_bn_stats(self.model):
+                return F.cross_entropy(self.model(self.x).float(), self.y)
 
-    def fisher_closure(self):
-        from .optim.bn import frozen_bn_stats
+    def sample(self, n: int):
+        """Training samples for a Fisher estimate: the first ``n`` of the batch."""
+        n = min(int(n), self.batch)
+        return self.x[:n], self.y[:n]
+
+    @contextmanager
+    def extra_pass(self):
+        """A pass the method runs itself (SSAM-F's Fisher passes): a pass, not optimizer ops."""
         self.passes += 1
         self.extra_calls += 1
-        n = min(int(self.cfg.get("fisher_batch_size") or 64), self.batch)
         with self._uncounted():
-            self.opt.zero_grad(set_to_none=True)
-            with frozen_bn_stats(self.model), self.autocast():
-                F.cross_entropy(self.model(self.x[:n]).float(), self.y[:n]).backward()
-        return n
+            yield
+
+    def context(self, closure) -> StepContext:
+        """The step context the Lightning module would build (``sharpbench.optim.context``)."""
+        return StepContext(model=self.model, loss_closure=self.loss_closure, sample=self.sample,
+                           extra_pass=self.extra_pass, class_counts=self.class_counts,
+                           closure_of=lambda reduce: partial(closure, reduce=reduce))
 
     @property
     def hvps(self) -> int:
@@ -225,9 +241,8 @@ class StepHarness:
     def step(self) -> None:
         from .optim.bn import bn_policy_closure
         if hasattr(self.opt, "base_optimizer"):
-            extras = {"loss_closure": self.loss_closure, "fisher_closure": self.fisher_closure}
-            needs = {k: extras[k] for k in getattr(self.opt, "extra_inputs", ())}
-            self.opt.step(bn_policy_closure(self.model, self.closure, self.bn_policy), **needs)
+            closure = bn_policy_closure(self.model, self.closure, self.bn_policy)
+            self.opt.step(closure, context=self.context(closure))
         else:
             self.closure()
             self.opt.step()
@@ -351,7 +366,7 @@ def bench_optimizers(o: dict, device: torch.device, log: Callable[[str], None]) 
         del small
     by_name = {r["method"]: r for r in rows}
     for r in rows:
-        ref = "adamw" if r["method"] == "hatam" else "sgd"
+        ref = baseline_of(r["method"])
         r["baseline"] = ref if ref in by_name else ""
         r["vs_baseline"] = (r["ms_per_step"] / by_name[ref]["ms_per_step"]) if ref in by_name else math.nan
     return rows
@@ -424,8 +439,7 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
     forward = torch.compile(model) if o["compile"] else model
     amp = PRECISIONS[o["precision"]]
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
-    counts = torch.tensor([5000, 2000, 800, 300, 120, 50, 20, 10, 5, 2], device=device)
-    tail = counts <= getattr(opt, "class_threshold", 20)
+    counts = TAIL_COUNTS.to(device)
     start = 0.0
     for i, (x, y) in enumerate(loader):
         if i == warmup:
@@ -433,32 +447,27 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
             start = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-        def closure(part=None):
-            from .optim.imbalanced import split_loss
+        def closure(reduce=None):
             opt.zero_grad(set_to_none=True)
             with autocast():
                 logits = forward(x)
-            if part is None:
+            if reduce is None:
                 loss = F.cross_entropy(logits.float(), y)
             else:
-                loss = split_loss(F.cross_entropy(logits.float(), y, reduction="none"), y, tail, part)
+                loss = reduce(F.cross_entropy(logits.float(), y, reduction="none"), y)
             loss.backward()
             return loss.detach()
 
-        def loss_closure():
+        def loss_closure(mode="train"):
             with frozen_bn_stats(model), autocast():
                 return F.cross_entropy(model(x).float(), y)
 
-        def fisher_closure():
-            opt.zero_grad(set_to_none=True)
-            with frozen_bn_stats(model), autocast():
-                F.cross_entropy(model(x[:64]).float(), y[:64]).backward()
-            return min(64, len(y))
-
-        extras = {"loss_closure": loss_closure, "fisher_closure": fisher_closure}
         if hasattr(opt, "base_optimizer"):
-            opt.step(first_pass_updates_bn(model, closure),
-                     **{k: extras[k] for k in getattr(opt, "extra_inputs", ())})
+            step_closure = first_pass_updates_bn(model, closure)
+            opt.step(step_closure, context=StepContext(
+                model=model, loss_closure=loss_closure, sample=lambda n: (x[:n], y[:n]),
+                class_counts=counts, batch_idx=i,
+                closure_of=lambda reduce: partial(step_closure, reduce=reduce)))
         else:
             closure()
             opt.step()
@@ -470,8 +479,9 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
 
 
 def baseline_of(method: str) -> str:
-    """The method a ratio is taken against: AdamW for HATAM (its base), SGD for the rest."""
-    return "adamw" if method == "hatam" else "sgd"
+    """The method a ratio is taken against: the registry's ``baseline`` (AdamW for HATAM)."""
+    info = registry.methods().get(method)
+    return info.baseline if info is not None else "sgd"
 
 
 def bench_driver(o: dict, device: torch.device,

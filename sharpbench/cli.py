@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("sharpbench.report", "tables and curves of a sweep: report <sweep dir>"),
     "analyze": ("sharpbench.analyze", "sharpness diagnostics and loss landscapes of a trained run: analyze <run dir>"),
     "bench": ("sharpbench.bench", "step-time benchmark of every optimizer"),
+    "methods": ("sharpbench.methods", "the registered methods: name, passes per step, class, paper (--markdown)"),
 }
 
 

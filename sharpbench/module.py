@@ -9,18 +9,21 @@ its family) alike. It builds the closure the optimizer calls as often as it need
 - lets only the first pass of a step update BatchNorm running statistics (``optimizer.bn_policy``
   selects the conventions of public implementations instead: ``sharpbench.optim.bn``).
 
-Extra inputs a method declares in ``extra_inputs`` (SSAM-F's ``fisher_closure``, A²SAM's and
-X-SAM's ``loss_closure``) and ImbSAM's head/tail ``closure(part)`` are supplied here; the module
-knows nothing else about any particular method.
+What a method needs from a step beyond the closure (a loss it can differentiate twice, training
+samples for a Fisher estimate, a loss split by class, the batch index, DDP gradient averaging,
+clipping, the fp16 overflow check) reaches it in one ``StepContext``
+(``sharpbench.optim.context``), built here the same way for every method: the module knows no
+method by name. The step goes through Lightning's optimizer wrapper, which counts it.
 
-DDP: gradients are averaged by ``grad_reducer`` (an all-reduce) right before the base step, and
-the perturbation uses each device's own gradient unless ``sync_perturbation`` is set.
+DDP: gradients are averaged by the context's ``grad_reducer`` (an all-reduce) right before the
+base step, and the perturbation uses each device's own gradient unless ``sync_perturbation``.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Any, Mapping
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -30,8 +33,9 @@ from torch import Tensor, nn
 from .amp import DynamicLossScaler
 from .optim.base import SharpnessAwareOptimizer
 from .optim.bn import bn_policy_closure, check_bn_policy, frozen_bn_stats
-from .optim.fisher import check_fisher_options, fisher_terms
+from .optim.context import StepContext
 from .optim.factory import build_optimizer
+from . import run_logging
 from .schedule import build_scheduler
 
 PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -46,12 +50,14 @@ class SharpnessModule(L.LightningModule):
     **constructor kwargs}`` for :func:`sharpbench.models.build_model`) to build it here. Every
     argument but ``model`` and ``class_counts`` is saved in the checkpoint's hyperparameters, so
     with ``model_cfg`` given ``SharpnessModule.load_from_checkpoint(path)`` rebuilds the module;
-    ``run_config`` (the run's resolved config) travels with it for ``sharpbench eval``."""
+    ``run_config`` (the run's resolved config) travels with it for ``sharpbench eval``.
+    ``fisher_batch_size`` is accepted for checkpoints of earlier versions and unused: it is now
+    SSAM-F's own hyperparameter (``optimizer.fisher_batch_size``)."""
 
     def __init__(self, model: nn.Module | None = None, optimizer_cfg: Mapping[str, Any] | None = None,
                  schedule_cfg: Mapping[str, Any] | None = None, *, num_classes: int, epochs: int,
                  precision: str = "32", label_smoothing: float = 0.0, grad_clip: float = 0.0,
-                 class_counts: Tensor | None = None, fisher_batch_size: int = 64,
+                 class_counts: Tensor | None = None, fisher_batch_size: int | None = None,
                  sync_perturbation: bool = False, compile: bool = False,
                  model_cfg: Mapping[str, Any] | None = None,
                  run_config: Mapping[str, Any] | None = None):
@@ -78,13 +84,7 @@ class SharpnessModule(L.LightningModule):
         self.amp_dtype = PRECISIONS[precision]
         self.label_smoothing = label_smoothing
         self.grad_clip = grad_clip
-        self.fisher_batch_size = fisher_batch_size
         self.bn_policy = check_bn_policy(self.optimizer_cfg.get("bn_policy") or "first_pass")
-        self.fisher_estimator = self.optimizer_cfg.get("fisher_estimator") or "per_sample"
-        self.fisher_bn = self.optimizer_cfg.get("fisher_bn") or "eval"
-        self.fisher_method = self.optimizer_cfg.get("fisher_method") or "vmap"
-        check_fisher_options(self.fisher_estimator, self.fisher_bn, fisher_batch_size,
-                             self.fisher_method)
         self.sync_perturbation = sync_perturbation
         self.scaler = DynamicLossScaler() if self.amp_dtype == torch.float16 else None
         self.register_buffer("class_counts", class_counts if class_counts is not None
@@ -100,7 +100,7 @@ class SharpnessModule(L.LightningModule):
         self.train_loss_epoch: float | None = None  # mean training loss of the last epoch
         self.train_acc_epoch: float | None = None   # training accuracy (%) of the last epoch
         self._first_bad: Tensor | None = None
-        self._tail_mask: Tensor | None = None
+        self._ddp = False
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
         self._hits: Tensor | int = 0   # correct first-pass predictions this epoch (on the device)
@@ -129,21 +129,15 @@ class SharpnessModule(L.LightningModule):
         return max(1, n)
 
     def on_train_start(self) -> None:
-        from .run_logging import dense_log_interval
         # Short epochs are logged at (nearly) every step, so every run has a loss curve.
-        self.trainer.log_every_n_steps = dense_log_interval(self.trainer.log_every_n_steps,
+        self.trainer.log_every_n_steps = run_logging.dense_log_interval(self.trainer.log_every_n_steps,
                                                             self.steps_per_epoch())
-        opt = self.optimizers(use_pl_optimizer=False)
-        if isinstance(opt, SharpnessAwareOptimizer):
-            opt.before_base_step = self._before_base_step
         ddp = self.trainer.model
-        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+        self._ddp = isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        if self._ddp:
             # We average gradients ourselves, once, right before the base step: DDP's own
             # bucketed all-reduce would fire on every pass, perturbation included.
             ddp.require_backward_grad_sync = False
-            if isinstance(opt, SharpnessAwareOptimizer):
-                opt.grad_reducer = all_reduce_mean
-                opt.reduce_perturbation_grads = self.sync_perturbation
 
     # ---------------------------------------------------------------------------- training
     def forward(self, x: Tensor) -> Tensor:
@@ -154,13 +148,14 @@ class SharpnessModule(L.LightningModule):
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def training_loss(self, logits: Tensor, y: Tensor, part: str | None = None) -> Tensor:
-        if part is None:
+    def training_loss(self, logits: Tensor, y: Tensor, reduce=None) -> Tensor:
+        """The cross-entropy (with the run's label smoothing): the batch mean, or
+        ``reduce(per_sample_losses, y)`` (a method's own reduction, e.g. ImbSAM's head/tail split)."""
+        if reduce is None:
             return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        from .optim.imbalanced import split_loss
         per_sample = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing,
                                      reduction="none")
-        return split_loss(per_sample, y, self.tail_mask, part)
+        return reduce(per_sample, y)
 
     def backward_pass(self, loss: Tensor) -> None:
         if self.scaler is None:
@@ -170,9 +165,13 @@ class SharpnessModule(L.LightningModule):
             self.scaler.unscale_(list(self.model.parameters()))
 
     def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+        """The step's closure: zero the gradients, forward (autocast), loss, backward (scaled and
+        unscaled for fp16), return the detached loss. ``closure(reduce)`` uses a method's own
+        reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` over all
+        the calls of one step."""
         first = [True]
 
-        def closure(part: str | None = None) -> Tensor:
+        def closure(reduce=None) -> Tensor:
             self.passes += 1
             opt.zero_grad(set_to_none=True)
             with self.autocast():
@@ -181,35 +180,35 @@ class SharpnessModule(L.LightningModule):
                 first[0] = False
                 self._hits = self._hits + (logits.detach().argmax(1) == y).sum()
                 self._seen += int(y.shape[0])
-            loss = self.training_loss(logits, y, part)
+            loss = self.training_loss(logits, y, reduce)
             self.backward_pass(loss)
             return loss.detach()
         return bn_policy_closure(self.model, closure, self.bn_policy)
 
-    def make_extra_inputs(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                          batch_idx: int | None = None) -> dict:
-        extras = {}
-        for name in getattr(opt, "extra_inputs", ()):
-            if name == "loss_closure":
-                extras[name] = self._loss_closure(x, y, getattr(opt, "hessian_loss", "train"))
-            elif name == "batch_idx":  # X-SAM's per-epoch refresh schedule
-                extras[name] = batch_idx
-            elif name == "fisher_closure":
-                extras[name] = self._fisher_closure(opt)
-            else:
-                raise TypeError(f"{type(opt).__name__} asks for an input the module does not "
-                                f"know how to supply: {name!r}")
-        return extras
+    def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int) -> StepContext:
+        """Everything a method may read from this step (``sharpbench.optim.context``); the
+        closures in it are built now and run only if the method calls them."""
+        return StepContext(
+            model=self.model, loss_closure=self.hessian_loss_closure(x, y),
+            sample=self.training_sampler(), extra_pass=self.extra_pass, closure_of=lambda reduce: partial(closure, reduce=reduce),
+            batch_idx=batch_idx,
+            class_counts=self.class_counts if self.class_counts.numel() else None,
+            grad_reducer=all_reduce_mean if self._ddp else None,
+            reduce_perturbation_grads=self.sync_perturbation and self._ddp,
+            before_base_step=self.before_base_step)
 
-    def _loss_closure(self, x: Tensor, y: Tensor, kind: str = "train"):
-        """Loss with graph at the current weights, for Hessian-vector products. Always fp32 (outside
-        autocast): fp16 double backward through BatchNorm overflows to NaN. ``kind="train"``: the
-        objective being trained (train-mode BN with running statistics frozen, label smoothing);
-        ``"eval_ce"``: plain cross-entropy with the model in eval mode (X-SAM's authors)."""
-        def loss_closure() -> Tensor:
+    def hessian_loss_closure(self, x: Tensor, y: Tensor):
+        """``loss_closure(mode)``: the loss with its graph at the current weights, for
+        Hessian-vector products; always fp32 (outside autocast: fp16 double backward through
+        BatchNorm overflows to NaN). ``"train"``: the objective being trained (train-mode BN with
+        running statistics frozen, label smoothing); ``"eval"``: plain cross-entropy with the
+        model in eval mode."""
+        def loss_closure(mode: str = "train") -> Tensor:
+            if mode not in ("train", "eval"):
+                raise ValueError(f"loss_closure mode must be 'train' or 'eval', got {mode!r}")
             self.passes += 1
             with torch.autocast(self.device.type, enabled=False):
-                if kind == "eval_ce":
+                if mode == "eval":
                     was_training = self.model.training
                     self.model.eval()
                     try:
@@ -221,70 +220,91 @@ class SharpnessModule(L.LightningModule):
                 return self.training_loss(logits, y)
         return loss_closure
 
-    def _fisher_closure(self, opt: torch.optim.Optimizer):
-        """Each call: SSAM-F's Fisher terms (``sharpbench.optim.fisher.fisher_terms``: squared
-        per-sample NLL gradients by default) over the next ``fisher_batch_size`` training samples,
-        un-augmented, BatchNorm per ``fisher_bn``. Draws from a dedicated, seeded stream."""
+    def training_sampler(self):
+        """``sample(n)``: ``n`` un-augmented training samples on this device, from a stream seeded by
+        the step (so a resumed run draws the same ones)."""
         data = self.trainer.datamodule
-        gen = torch.Generator().manual_seed(10_007 * (self.global_step + 1) + 17)
-        params = opt.all_params()
+        step = self.global_step
+        gen: list[torch.Generator] = []
 
-        def fisher_closure():
-            self.passes += 1
-            idx = torch.randint(len(data.train_y), (self.fisher_batch_size,), generator=gen)
-            x, y = data.fisher_batch(idx, self.device)
-            return fisher_terms(self.model, params, x, y, estimator=self.fisher_estimator,
-                                batch_size=self.fisher_batch_size, bn=self.fisher_bn,
-                                method=self.fisher_method)
-        return fisher_closure
+        def sample(n: int) -> tuple[Tensor, Tensor]:
+            if not gen:
+                gen.append(torch.Generator().manual_seed(10_007 * (step + 1) + 17))
+            idx = torch.randint(len(data.train_y), (int(n),), generator=gen[0])
+            return data.fisher_batch(idx, self.device)
+        return sample
 
-    def _before_base_step(self) -> bool:
+    @contextmanager
+    def extra_pass(self) -> Iterator[None]:
+        """A pass a method runs itself (SSAM-F's Fisher passes): counted in ``passes``."""
+        self.passes += 1
+        yield
+
+    def before_base_step(self) -> bool:
+        """Clip the gradients (``trainer.gradient_clip_val``); ``False`` if fp16 overflowed."""
         if self.grad_clip and self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
         if self.scaler is not None:
             return self.scaler.step_is_finite()
         return True
 
+    def one_pass_closure(self, closure):
+        """For one-pass optimizers (torch's, HATAM), which call the closure once and then step:
+        the pass, the gradient average (DDP), then clipping and the overflow check; on overflow the
+        gradients are dropped, so the optimizer's step leaves every parameter as it is."""
+        def one_pass() -> Tensor:
+            loss = closure()
+            if self._ddp:
+                all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
+            if not self.before_base_step():
+                self.model.zero_grad(set_to_none=True)
+            return loss
+        return one_pass
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
         loader = self.trainer.train_dataloader
         if hasattr(loader, "mark_consumed"):  # checkpoints record the batches used, not prefetched
             loader.mark_consumed(self.current_epoch, batch_idx + 1)
-        opt = self.optimizers(use_pl_optimizer=False)
-        lr = opt.param_groups[0]["lr"]  # the learning rate this step uses
-        closure = self.make_closure(opt, x, y)
+        opt = self.optimizers()  # Lightning's wrapper: its step is counted (global_step)
+        raw = opt.optimizer
+        lr = raw.param_groups[0]["lr"]  # the learning rate this step uses
         self.input_shape = tuple(x.shape)  # for the FLOP count of a pass (record.py)
-        if isinstance(opt, SharpnessAwareOptimizer):
-            loss = opt.step(closure, **self.make_extra_inputs(opt, x, y, batch_idx))
+        closure = self.make_closure(raw, x, y)
+        if isinstance(raw, SharpnessAwareOptimizer):
+            context = self.step_context(closure, x, y, batch_idx)
+            loss = opt.step(closure=closure, context=context)
         else:  # one-pass optimizers: SGD, Adam, HATAM …
-            loss = closure()
-            if self.trainer.world_size > 1:
-                all_reduce_mean([p.grad for p in self.model.parameters() if p.grad is not None])
-            if self._before_base_step():
-                opt.step()
+            context = StepContext()
+            loss = opt.step(closure=self.one_pass_closure(closure))
         if self.scaler is not None and not self.scaler.update():
             self.skipped_steps += 1
         self.lr_schedulers().step()
         self.steps_done += 1
-        self.count_optimizer_step()
         self.watch_divergence(loss)
-        perturbed = getattr(opt, "last_loss_is_perturbed", None)
-        if not perturbed:  # the epoch's train loss: at the unperturbed weights only
+        if not context.loss_is_perturbed:  # the epoch's train loss: at the unperturbed weights only
             self._loss_sum = self._loss_sum + loss.double()
             self._loss_count += 1
-        if self.trainer._logger_connector.should_update_logs:
-            self.log_step_values(opt, lr, loss, perturbed)
+        if self.is_logging_step():
+            self.log_step_values(raw, lr, loss, context)
         return loss
 
+    def is_logging_step(self) -> bool:
+        """Lightning's rule for when loggers take step values: every ``log_every_n_steps``
+        optimizer steps (counted after this step), and when training is about to stop."""
+        n = self.trainer.log_every_n_steps
+        return bool(n) and (self.global_step % n == 0 or self.trainer.should_stop)
+
     def log_step_values(self, opt: torch.optim.Optimizer, lr: float, loss: Tensor,
-                        perturbed: bool | None) -> None:
+                        context: StepContext) -> None:
         """At logging steps only: Lightning's ``self.log`` costs about a millisecond of Python per
         call, a visible share of a small model's step, and the logger writes step values only
         at these steps anyway (the epoch mean is logged from our own sum at epoch end). Logged:
-        the step's loss (``train/loss_step``, at the unperturbed weights), the learning rate, rho
-        where a schedule moves it (GSAM's ``rho_t``), the passes counted so far, and the progress
-        bar's ``loss`` = mean training loss since its last update (the logger reads values back
-        here anyway, so this adds no host sync)."""
+        the step's loss (``train/loss_step``, at the unperturbed weights), the learning rate, what
+        the method put in ``context.logged`` (GSAM's ``rho``), the passes counted so far, and the
+        progress bar's ``loss`` = mean training loss since its last update (the logger reads
+        values back here anyway, so this adds no host sync)."""
+        perturbed = context.loss_is_perturbed
         if perturbed is None:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False)
         else:
@@ -295,10 +315,9 @@ class SharpnessModule(L.LightningModule):
             self.log("train/loss_step", nan if perturbed else loss, on_step=True, on_epoch=False)
             self.log("train/loss_perturbed_step", loss if perturbed else nan, on_step=True,
                      on_epoch=False)
-        group = opt.param_groups[0]
         self.log("train/lr", float(lr), on_step=True, on_epoch=False)
-        if "rho_t" in group:
-            self.log("train/rho", float(group["rho_t"]), on_step=True, on_epoch=False)
+        for name, value in context.logged.items():
+            self.log(f"train/{name}", float(value), on_step=True, on_epoch=False)
         self.log("train/passes", float(self.passes), on_step=True, on_epoch=False)
         total, count = float(self._loss_sum), self._loss_count
         last_total, last_count = self._bar_mark
@@ -306,14 +325,6 @@ class SharpnessModule(L.LightningModule):
             self.log("loss", (total - last_total) / (count - last_count), prog_bar=True,
                      logger=False, on_step=True, on_epoch=False)
         self._bar_mark = (total, count)
-
-    def count_optimizer_step(self) -> None:
-        """We step the raw optimizer (Lightning's wrapper would call the closure its own way), so
-        tell Lightning a step was taken: ``global_step`` counts one per batch, and step-based
-        logging and checkpointing follow it."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready()
-        progress.increment_completed()
 
     # ------------------------------------------------------------------ divergence watch
     def on_train_epoch_start(self) -> None:
@@ -448,18 +459,6 @@ class SharpnessModule(L.LightningModule):
             torch.set_rng_state(state["rng_cpu"])
         if state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-
-    @property
-    def tail_mask(self) -> Tensor:
-        """Per-class tail flags for ImbSAM's head/tail closure (built once, then reused)."""
-        if self._tail_mask is None:
-            from .optim.imbalanced import tail_class_mask
-            if self.class_counts.numel() == 0:
-                raise ValueError("ImbSAM needs the training class counts; the data module "
-                                 "provides them as train_class_counts")
-            opt = self.optimizers(use_pl_optimizer=False)
-            self._tail_mask = tail_class_mask(self.class_counts, opt.class_threshold).to(self.device)
-        return self._tail_mask
 
 
 def all_reduce_mean(grads: list[Tensor]) -> None:

@@ -53,16 +53,11 @@ import yaml
 from . import reference
 from .curves import DATASET_LABELS, write_curves
 from .fileio import atomic_write_text, remove_stale_temporaries
+from .optim import registry
 from .record import METRICS_FILE, read_metrics
 from .run_identity import defines_run
 from .sharpness.report_section import DASH, write_sharpness_outputs
 
-METHOD_ORDER = ("sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "imb_sam", "a2sam",
-                "hatam", "xsam", "gsam")
-METHOD_LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "friendly_sam": "FriendlySAM",
-                 "ssam_f": "SSAM-F", "ssam_d": "SSAM-D", "imb_sam": "ImbSAM", "a2sam": "A²SAM",
-                 "hatam": "HATAM", "xsam": "X-SAM", "gsam": "GSAM", "adam": "Adam",
-                 "adamw": "AdamW", "rmsprop": "RMSprop"}
 DATASET_ORDER = ("cifar10", "cifar100")
 SWEEPS_DIR = Path("outputs") / "sweeps"
 
@@ -312,7 +307,7 @@ def order_key(value: str, order: tuple[str, ...]) -> tuple[int, str]:
 
 
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
-    keys = [order_key(d, DATASET_ORDER) + order_key(m, METHOD_ORDER) + (s,)
+    keys = [order_key(d, DATASET_ORDER) + order_key(m, tuple(registry.names())) + (s,)
             for d, m, s in zip(df["dataset"], df["method"], df["setting"])]
     seeds = df["seed"] if "seed" in df else pd.Series([0] * len(df))
     index = sorted(range(len(df)), key=lambda i: (keys[i], nan_last(seeds.iloc[i])))
@@ -401,7 +396,7 @@ def sam_reference(table: pd.DataFrame, row) -> int | None:
 
 
 def method_label(method: str, setting: str = "") -> str:
-    label = METHOD_LABELS.get(method, method)
+    label = registry.label(method)
     return f"{label} ({setting})" if setting else label
 
 

@@ -30,6 +30,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .optim.registry import names as registered_methods
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +79,8 @@ class Alternative:
                     and all(self.item.range_ok(x) for x in v))
         if self.kind not in ("int", "float"):
             return True
-        if isinstance(v, float) and math.isnan(v):
-            return False
+        if isinstance(v, float) and not math.isfinite(v):
+            return False  # nan, and inf (a learning rate of inf diverges at once)
         above = v > self.low if self.low_open else v >= self.low
         below = v < self.high if self.high_open else v <= self.high
         return above and below
@@ -259,7 +261,7 @@ MODEL = {
 # Keys of the optimizer group. Which of them a method accepts comes from its constructor and its
 # base optimizer's; "<method>.<key>" entries describe a key whose meaning depends on the method.
 OPTIMIZER = {
-    "name": Key("sgd | adam | adamw | rmsprop | sam | asam | friendly_sam | ssam_f | ssam_d | imb_sam | gsam | a2sam | xsam | hatam", "the method"),
+    "name": Key(" | ".join(registered_methods()), "the method (the registered methods: sharpbench.optim.registry)"),
     "base": Key("sgd | adam | adamw | rmsprop", "the base optimizer taking the step with the method's gradient"),
     "lr": Key("float > 0", "learning rate of the step actually taken (the base step)"),
     "weight_decay": Key("float >= 0", "weight decay of the base step (L2 for sgd/adam/rmsprop, decoupled for adamw/hatam)"),
@@ -413,6 +415,9 @@ def optimizer_members(option: str | None, node: Mapping) -> set[str]:
     cls = METHODS[option]
     if cls is None or getattr(cls, "takes_base_optimizer", True):
         names.add("base")
+    from .optim.base import SharpnessAwareOptimizer
+    if cls is not None and issubclass(cls, SharpnessAwareOptimizer):
+        names.add("bn_policy")  # the driver's BatchNorm policy: every multi-pass method has it
     names |= set(constructor_of("optimizer", option, _base(option, node))) - set(SUPPLIED_BY_DRIVER)
     names |= {k for k, v in OPTIMIZER.items() if v.options and option in v.options}
     names |= set(yaml_defaults("optimizer", option))

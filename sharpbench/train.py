@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, compose_guard, console, lifecycle
+from . import checks, console, lifecycle, preflight
 from .data import CIFARDataModule, class_groups
 from .ddp_launch import sweep_job_scope
 from .export import export_model
@@ -127,7 +127,6 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         label_smoothing=float(cfg.get("label_smoothing", 0.0)),
         grad_clip=float(cfg.trainer.get("gradient_clip_val") or 0.0),
         class_counts=data.train_class_counts,
-        fisher_batch_size=int(cfg.optimizer.get("fisher_batch_size") or 64),
         sync_perturbation=bool(cfg.trainer.get("sync_perturbation", False)),
         compile=bool(cfg.trainer.get("compile", False)),
         model_cfg=model_cfg, run_config=ident)  # saved in checkpoints: load_from_checkpoint works
@@ -207,10 +206,7 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-compose_guard.install()  # Hydra's own failures (unknown key/option) become invalid_config records
-
-
-@compose_guard.entry_point  # --help from the schema; composition failures recorded, exit 2
+@preflight.entry_point  # --help from the schema; a command with bad settings refused, exit 2
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
@@ -227,7 +223,6 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
                                  sweep.get("jobs_per_gpu", 1))
     try:
         LIFETIME.stop_here()
-        compose_guard.raise_if_failed(cfg)  # a command line Hydra could not compose
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
             record = train(cfg, run_dir, task_overrides())
         if LIFETIME.signum is not None:  # the process was told to stop: so does a sweep

@@ -10,6 +10,7 @@ from torch import nn
 
 from sharpbench.module import all_reduce_mean
 from sharpbench.optim import SAM
+from sharpbench.optim.context import StepContext
 
 
 def test_perturbation_is_local_and_base_step_uses_reduced_gradients():
@@ -27,7 +28,6 @@ def test_perturbation_is_local_and_base_step_uses_reduced_gradients():
         for g in grads:
             g.add_(other_rank).div_(2)
 
-    opt.grad_reducer = reducer
 
     def closure():
         opt.zero_grad()
@@ -41,7 +41,7 @@ def test_perturbation_is_local_and_base_step_uses_reduced_gradients():
             seen["g_p"] = model.weight.grad.detach().clone()
         return loss
 
-    opt.step(closure)
+    opt.step(closure, context=StepContext(grad_reducer=reducer))
     g = seen["g_local"]
     torch.testing.assert_close(seen["w_perturbed"], w0 + 0.1 * g / g.norm())  # local gradient
     assert seen["calls"] == 1  # reduced once, before the base step
@@ -52,8 +52,8 @@ def test_sync_perturbation_reduces_before_perturbing():
     model = nn.Linear(3, 2, bias=False)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=1.0)
     calls = []
-    opt.grad_reducer = lambda grads: calls.append(len(grads))
-    opt.reduce_perturbation_grads = True
+    context = StepContext(grad_reducer=lambda grads: calls.append(len(grads)),
+                          reduce_perturbation_grads=True)
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
 
     def closure():
@@ -62,7 +62,7 @@ def test_sync_perturbation_reduces_before_perturbing():
         loss.backward()
         return loss
 
-    opt.step(closure)
+    opt.step(closure, context=context)
     assert calls == [1, 1]
 
 
@@ -72,7 +72,6 @@ def _worker(rank, world, port, out):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.5, momentum=0.9)
-    opt.grad_reducer = all_reduce_mean
     g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     for _ in range(3):
         x, y = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
@@ -83,7 +82,7 @@ def _worker(rank, world, port, out):
             loss.backward()
             return loss
 
-        opt.step(closure)
+        opt.step(closure, context=StepContext(grad_reducer=all_reduce_mean))
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

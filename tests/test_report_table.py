@@ -119,7 +119,8 @@ def test_a_table_without_sam_has_no_time_vs_sam_column():
 
 
 def test_markdown_fits_a_120_column_terminal():
-    methods = ["sgd", "sam", "asam", "friendly_sam", "ssam_f", "ssam_d", "a2sam", "hatam", "xsam", "gsam"]
+    from sharpbench.optim import registry
+    methods = [m for m, info in registry.methods().items() if info.bench]
     records = [run(m, s, 90.0 + s, dataset=d, wall=100.0 + s, **{"optimizer.rho": rho})
                for m in methods for d in ("cifar10", "cifar100") for s in (0, 1)
                for rho in (0.05, 0.1)]

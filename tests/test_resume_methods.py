@@ -8,9 +8,11 @@ import torch
 from sharpbench import runtime
 from sharpbench.train import train
 
-# Methods whose optimizer state goes beyond the base step: EMAs, masks, stale gradients,
-# eigenvectors, HATAM's moments and curvature accumulator.
-METHODS = ["ssam_f", "ssam_d", "a2sam", "xsam", "hatam", "gsam"]
+from sharpbench.optim import registry
+
+# Every method that is not a plain torch optimizer: its state (EMAs, masks, stale gradients,
+# eigenvectors, HATAM's moments and curvature accumulator) must survive a checkpoint.
+METHODS = [m for m, info in registry.methods().items() if not info.plain]
 BASE = ["experiment=smoke", "trainer.max_epochs=2", "dataset.train_subset=256",
         "dataset.test_subset=128", "dataset.batch_size=32", "trainer.deterministic=true",
         "trainer.enable_progress_bar=false", "trainer.checkpoint_every_n_steps=1", "logger=none"]
@@ -24,6 +26,8 @@ def test_resume_mid_epoch_equals_uninterrupted(compose_cfg, tmp_path, monkeypatc
         extra.append("optimizer.interval=4")  # several eigen-solves, one of them after the resume
     if method == "ssam_f":
         extra.append("optimizer.num_samples=64")
+    if method == "imb_sam":
+        extra.append("dataset.imbalance_factor=10")  # tail classes, so the tail pass perturbs
     kept = tmp_path / f"step{STOP_AT}.ckpt"
     save = runtime.LastCheckpoint.save
 

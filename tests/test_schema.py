@@ -1,5 +1,6 @@
 """Every bad setting is refused before anything runs: exit code 2, no traceback, a message naming
-the key, ``status: invalid_config`` in metrics.json. The cases run the real entry point
+the key, ``status: invalid_config`` recorded (in refused.jsonl beside the run folders when the
+command line itself is refused; in metrics.json when the data shows the problem). The cases run the real entry point
 (``sharpbench.train.main``: Hydra composition, the schema, the data checks) in this process;
 tests/test_validation.py runs one case per failure family as a subprocess."""
 import json
@@ -33,15 +34,20 @@ def run_entry_point(tmp_path, monkeypatch, capfd, *overrides):
 
 
 def run_task(tmp_path, monkeypatch, capfd, caplog, *overrides):
-    """The same with one composition: the composition Hydra's run does (with the entry point's
-    handling of its failures), then the task function as Hydra's ``run_job`` calls it."""
+    """The same with one composition: the entry point's check of the command line, then (if it
+    passes) the task function as Hydra's ``run_job`` calls it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
-    from sharpbench import compose_guard, train
-    monkeypatch.setenv(compose_guard.ENV, "record")
+    from sharpbench import preflight, train
+    line = [*BASE, f"hydra.run.dir={tmp_path}", *overrides]
     with initialize_config_dir(config_dir=str(schema.CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*BASE, *overrides], return_hydra_config=True)
+        try:
+            preflight.check_command(line, multirun=False)
+        except preflight.Refused as err:
+            print(err, file=sys.stderr)
+            return (2, *_output_and_record(tmp_path, capfd))
+        cfg = compose(config_name="train", overrides=line, return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
     task_cfg = cfg.copy()
@@ -57,10 +63,23 @@ def run_task(tmp_path, monkeypatch, capfd, caplog, *overrides):
 
 
 def _output_and_record(tmp_path, capfd):
+    """The output, and the run's record: its metrics.json, or the refusal logged beside the run
+    folders (``refused.jsonl``) when the command was refused before the run began."""
     captured = capfd.readouterr()
     metrics = tmp_path / "metrics.json"
-    record = json.loads(metrics.read_text()) if metrics.exists() else None
+    record = json.loads(metrics.read_text()) if metrics.exists() else refusal(tmp_path)
     return captured.out + captured.err, record
+
+
+def refusal(run_dir):
+    log = run_dir.parent / "refused.jsonl"
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text().splitlines()):
+        entry = json.loads(line)
+        if f"hydra.run.dir={run_dir}" in entry["command"]:
+            return {"status": entry["status"], "error": entry["jobs"][0]["error"]}
+    return None
 
 
 # (overrides, text the message must contain: the key and what is wrong)
@@ -112,6 +131,7 @@ CASES = [
     (["dataset.val_split=0.5", "dataset.imbalance_factor=200"], "without a training image"),
     # type errors that did not name the key
     (["optimizer.lr=abc"], "optimizer.lr=abc has the wrong type"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is out of range"),
     (["optimizer=sam", "optimizer.rho=abc"], "optimizer.rho=abc has the wrong type"),
     # already refused before the schema; must stay so
     (["optimizer=sam", "optimizer.rho=0"], "optimizer.rho=0 is out of range"),
@@ -265,13 +285,15 @@ def test_every_option_composes_and_passes_the_schema(compose_cfg, group, option)
 @pytest.mark.parametrize("experiment", ["table1", "table1_full", "rho_sweep"])
 def test_every_optimizer_a_sweep_selects_passes_the_schema(compose_cfg, experiment):
     cfg = compose_cfg([f"experiment={experiment}"])
-    for method in str(cfg.hydra.sweeper.params.optimizer).split(","):
+    from sharpbench import grid
+    for method in grid.values("optimizer", cfg.hydra.sweeper.params.optimizer):
         assert checks.schema_problems(compose_cfg([f"experiment={experiment}", f"optimizer={method}"])) == [], method
 
 
 @pytest.mark.parametrize("spec, good, bad", [
     ("int >= 1", [1, 80], [0, 1.5, "1", True, None]),
     ("float in [0, 1)", [0, 0.5], [1, 1.0, -0.1, float("nan"), "x"]),
+    ("float > 0", [1e-8, 1e30], [0, float("inf"), float("nan")]),
     ("null | int >= 0 | float in [0, 1)", [None, 0, 5000, 0.1], [-1, 1.5, "a"]),
     ("auto | 32 | bf16-mixed", ["auto", 32, "32", "bf16-mixed"], ["16", 16, None, True]),
     ("list[float in [0, 1)] of 2", [[0.9, 0.999], (0.5, 0)], [[0.9], [0.9, 1.0], "ab"]),

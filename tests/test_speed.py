@@ -7,9 +7,10 @@ from omegaconf import OmegaConf
 
 from sharpbench.bench import (METHODS, BenchConfigError, StepHarness, optimizer_config,
                               parse_options, refresh_period)
+from sharpbench.optim import registry
 from sharpbench.profiling import StepCounter, count_dispatch
 
-ALL = sorted(METHODS + ("adam", "rmsprop"))
+ALL = registry.names()  # every registered method
 
 
 def regular_ops(method: str, layers: int, steps: int = 3) -> list[int]:
@@ -103,10 +104,10 @@ def test_no_host_sync_in_a_lightning_training_step(method, tmp_path, monkeypatch
     if method == "imb_sam":
         cfg["class_threshold"] = 1e9   # every class is tail: the three passes do real work
     if method == "ssam_f":
-        cfg["num_samples"] = 16        # one Fisher pass per refresh
+        cfg["num_samples"] = cfg["fisher_batch_size"] = 16   # one Fisher pass per refresh
     module = SharpnessModule(build_model("tiny_cnn", num_classes=10), cfg,
                              {"name": "constant", "warmup_epochs": 0}, num_classes=10, epochs=1,
-                             class_counts=data.train_class_counts, fisher_batch_size=16)
+                             class_counts=data.train_class_counts)
     counter = Counter()
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,

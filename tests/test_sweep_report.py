@@ -44,8 +44,10 @@ def sweep(sweep_dir, *overrides, timeout=300, returncode=0):
 
 
 # ------------------------------------------------------------------ a real sweep through the CLI
-# 2 methods × 2 seeds × {a working model, one the config check refuses}: 8 jobs.
-GRID = ["optimizer=sgd,sam", "seed=0,1", "+model.width=8,-1"]
+# 2 methods × 2 seeds × {a working learning rate, one that diverges}: 8 jobs. (A setting the
+# config check refuses would refuse the whole sweep before it starts: tests/test_validation.py.)
+GRID = ["optimizer=sgd,sam", "seed=0,1", "optimizer.lr=0.05,1e12", "schedule=constant"]
+GOOD, BAD = "lr=0.05", "lr=1e+12"
 
 
 @pytest.fixture(scope="module")
@@ -64,39 +66,39 @@ def test_sweep_table_matches_the_runs(swept):
     records = metrics_files(sweep_dir)
     assert len(records) == 8
     done = [r for r in records.values() if r["status"] == "completed"]
-    assert len(done) == 4 and all(r["config"]["model"]["width"] == 8 for r in done)
+    assert len(done) == 4 and all(r["config"]["optimizer"]["lr"] == 0.05 for r in done)
     table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
     for method in ("sgd", "sam"):
         accs = [r["test_acc"] for r in done if r["method"] == method]
         times = [r["wall_time_s"] for r in done if r["method"] == method]
-        row = table[(table["method"] == method) & (table["setting"] == "width=8")].iloc[0]
+        row = table[(table["method"] == method) & (table["setting"] == GOOD)].iloc[0]
         assert row["n"] == 2 and row["failed"] == 0
         assert row["test_acc_mean"] == pytest.approx(sum(accs) / 2)
         assert row["test_acc_std"] == pytest.approx(pd.Series(accs).std(ddof=1))
         assert row["wall_time_s"] == pytest.approx(sum(times) / 2)
         assert row["loss_split"] == "test"
-    ok = table[table["setting"] == "width=8"].set_index("method")
+    ok = table[table["setting"] == GOOD].set_index("method")
     assert ok.loc["sgd", "time_vs_sam_pct"] == pytest.approx(
         100 * ok.loc["sgd", "wall_time_s"] / ok.loc["sam", "wall_time_s"])
-    assert "| SAM (width=8)  |" in (sweep_dir / "grid.md").read_text()
+    assert f"| SAM ({GOOD})" in (sweep_dir / "grid.md").read_text()
     assert (sweep_dir / "grid.tex").read_text().startswith(r"\begin{tabular}")
 
 
 def test_a_failing_job_is_listed_and_the_others_complete(swept):
-    """The width=-1 jobs are refused by the config check (invalid_config): recorded, listed by
-    the callback, counted as failed in the table; the other jobs complete."""
+    """The lr=1e12 jobs diverge: recorded, listed by the callback, counted as failed in the
+    table; the other jobs complete."""
     sweep_dir, log, _ = swept
     runs = pd.read_csv(sweep_dir / "runs.csv")
     assert len(runs) == 8
     failed = runs[runs["status"] != "completed"]
     assert len(failed) == 4 and (runs["status"] == "completed").sum() == 4
-    assert failed["status"].isin(["failed", "invalid_config"]).all()
-    assert failed["error"].str.contains("width").all()
-    assert failed["setting"].eq("width=-1").all()
-    assert log.count("sweep job invalid_config: ") + log.count("sweep job failed: ") == 4
-    assert "8 jobs: 4 completed, 4 invalid_config" in log  # and the exit status counts them
+    assert failed["status"].eq("diverged").all()
+    assert failed["error"].str.contains("diverged").all()
+    assert failed["setting"].eq(BAD).all()
+    assert log.count("sweep job diverged: ") == 4
+    assert "8 jobs: 4 completed, 4 diverged" in log  # and the exit status counts them
     table = pd.read_csv(sweep_dir / "grid.csv", keep_default_na=False, na_values=[""])
-    bad = table[table["setting"] == "width=-1"]
+    bad = table[table["setting"] == BAD]
     assert list(bad["n"]) == [0, 0] and list(bad["failed"]) == [2, 2]
 
 
@@ -128,7 +130,7 @@ def test_report_cli(swept, tmp_path):
                           str(tmp_path), "--no-curves"], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| SGD (width=8)  |" in out.stdout and "4 invalid_config" in out.stdout
+    assert f"| SGD ({GOOD})" in out.stdout and "4 diverged" in out.stdout
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -347,10 +349,8 @@ def test_child_command_is_this_job_in_run_mode(compose_cfg, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------- sweep configs compose
 def sweep_jobs(cfg):
-    params = cfg.hydra.sweeper.params
-    keys = list(params)
-    return [dict(zip(keys, combo)) for combo in
-            itertools.product(*(str(params[k]).split(",") for k in keys))]
+    from sharpbench import grid
+    return grid.jobs(cfg.hydra.sweeper.params)
 
 
 def job_cfg(compose_cfg, experiment, job):

@@ -39,31 +39,47 @@ def test_bad_config_is_refused_with_a_clear_message(tmp_path, overrides, message
     assert code == 2, out[-2000:]
     assert message in out, out[-2000:]
     assert "Traceback" not in out
-    record = json.loads((tmp_path / "metrics.json").read_text())
-    assert record["status"] == "invalid_config" and message in record["error"]
+    if (tmp_path / "metrics.json").exists():  # found once the data was loaded: the run's record
+        record = json.loads((tmp_path / "metrics.json").read_text())
+        assert record["status"] == "invalid_config" and message in record["error"]
+    else:  # the command line itself: refused before Hydra made a run folder, logged beside them
+        entry = json.loads((tmp_path.parent / "refused.jsonl").read_text().splitlines()[-1])
+        assert entry["status"] == "invalid_config" and message in entry["jobs"][0]["error"]
+        assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("launcher", ["sequential", pytest.param("local_parallel", marks=pytest.mark.slow)])
-def test_a_sweep_records_invalid_jobs_and_goes_on(tmp_path, launcher):
-    """Hydra refuses optimizer=nonexistent while composing that job: the job is recorded as
-    invalid_config in its own folder, and the next job still runs (also in joblib's workers)."""
+def test_a_refused_command_leaves_no_run_folder(tmp_path):
+    """A mistyped command (no hydra.run.dir) creates nothing under outputs/runs but the log of
+    refusals."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    workers = ["hydra.launcher.n_jobs=2"] if launcher == "local_parallel" else []
-    cmd = [sys.executable, "-m", "sharpbench.train", "-m", f"hydra/launcher={launcher}", *workers,
-           "experiment=smoke", "optimizer=nonexistent,sgd",
-           "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "dataset.train_subset=128",
-           "dataset.test_subset=64", "dataset.batch_size=32", "trainer.limit_train_batches=2",
-           f"hydra.sweep.dir={tmp_path}"]
+    out = subprocess.run([sys.executable, "-m", "sharpbench.train", "experiment=smoke",
+                          "optimizer.rhoo=0.1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert sorted(p.name for p in (tmp_path / "outputs" / "runs").iterdir()) == ["refused.jsonl"]
+
+
+def test_a_sweep_with_a_bad_job_is_refused_before_any_job_starts(tmp_path):
+    """The whole grid is checked first: the sweep is refused, naming the job and the key, and no
+    job runs (a sweep that fails half-way through is worth nothing)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    cmd = [sys.executable, "-m", "sharpbench.train", "-m", "experiment=smoke",
+           "optimizer=nonexistent,sgd", "seed=0,1", "trainer.max_epochs=1",
+           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
-    assert "Traceback" not in text, text[-3000:]
-    records = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")}
-    bad = [r for name, r in records.items() if "optimizer=nonexistent" in name]
-    good = [r for name, r in records.items() if "optimizer=sgd" in name]
-    assert len(bad) == 1 and bad[0]["status"] == "invalid_config", (records.keys(), text[-3000:])
-    assert "group optimizer has no option 'nonexistent'" in bad[0]["error"]
-    assert "optimizer=nonexistent" in bad[0]["overrides"]
-    assert len(good) == 1 and good[0]["status"] == "completed", text[-3000:]
+    assert out.returncode == 2 and "Traceback" not in text, text[-3000:]
+    assert "the sweep was refused before any job started: 2 of 4 jobs" in text
+    assert "job optimizer=nonexistent seed=0" in text and "job optimizer=nonexistent seed=1" in text
+    assert "group optimizer has no option 'nonexistent'" in text
+    assert not list(tmp_path.glob("*/metrics.json")) and not list(tmp_path.glob("*/.hydra"))
+    entry = json.loads((tmp_path / "refused.jsonl").read_text().splitlines()[-1])
+    assert len(entry["jobs"]) == 2 and "optimizer=nonexistent" in entry["jobs"][0]["overrides"]
+
+
+def test_a_sweep_of_good_jobs_is_not_refused():
+    from sharpbench import preflight
+    preflight.check_command(["experiment=table1", "seed=0"], multirun=True)  # 8 jobs, no error
 
 
 def test_help_is_generated_from_the_schema(tmp_path):

@@ -48,6 +48,13 @@ def read_cache(path: Path, fingerprint: dict) -> Payload | None:
         return None
     if payload.get("fingerprint") != fingerprint:
         return None
+    x, y = payload.get("x"), payload.get("y")
+    if (not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape[1:]) != (3, 32, 32)
+            or not isinstance(y, torch.Tensor) or y.shape != x.shape[:1]):
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        warnings.warn(f"Ignoring the data cache {path}: its images are {shape}, not N x 3 x 32 x 32 "
+                      "uint8 with one label each; decoding the source again.")
+        return None
     return payload
 
 

@@ -87,6 +87,10 @@ def ensure_archive(name: str, root: str | Path, download: bool) -> Path:
     if not _missing_files(folder, spec):
         return folder
     archive = root / spec.filename
+    if not archive.is_file() and (root / "train").is_dir() and (root / "test").is_dir():
+        raise DatasetUnavailableError(
+            f"{root} holds train/ and test/ folders, an image-folder dataset, not the python "
+            f"archive that dataset.format=python reads: add dataset.format=folder.")
     if archive.is_file():
         if not tv_utils.check_md5(str(archive), spec.md5):
             raise DatasetUnavailableError(
@@ -135,8 +139,16 @@ def _download(spec: ArchiveSpec, root: Path) -> None:
 
 def _load_pickle(path: Path) -> dict:
     """Load one CIFAR pickle and return it with ``str`` keys (the files use ``bytes`` keys)."""
-    with open(path, "rb") as handle:
-        raw = pickle.load(handle, encoding="bytes")
+    try:
+        with open(path, "rb") as handle:
+            raw = pickle.load(handle, encoding="bytes")
+        if not isinstance(raw, dict):
+            raise TypeError(f"a {type(raw).__name__}, not a dict")
+    except Exception as err:  # noqa: BLE001 - truncated, overwritten, not a pickle at all
+        raise DatasetUnavailableError(
+            f"{path} is not a readable CIFAR python file ({type(err).__name__}: {err}). Delete "
+            f"the folder {path.parent} and extract the archive again (or set "
+            "dataset.download=true).") from err
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
 
 

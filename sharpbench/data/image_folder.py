@@ -54,6 +54,12 @@ def scan_split(root: Path, split: str) -> tuple[list[str], list[Path], list[int]
     paths: list[Path] = []
     labels: list[int] = []
     digest = hashlib.sha1()
+    empty = [cls for cls in classes if not list_images(split_dir / cls)]
+    if empty:
+        raise DatasetUnavailableError(
+            f"{len(empty)} class folder(s) of {split_dir} hold no .png/.jpg/.jpeg image: "
+            f"{', '.join(empty[:5])}{' …' if len(empty) > 5 else ''}. Every class needs images in "
+            "both train/ and test/; add them or remove the empty folders from both splits.")
     for label, cls in enumerate(classes):
         for name in list_images(split_dir / cls):
             path = split_dir / cls / name

@@ -15,25 +15,17 @@ from .sam import SAM
 from .sparse import SSAMD, SSAMF, SparseSAM
 from .xsam import XSAM
 
-# Method name (config name) → class; ``None`` means the plain base optimizer.
-METHODS: dict[str, type | None] = {
-    "sgd": None,
-    "adam": None,
-    "adamw": None,
-    "rmsprop": None,
-    "sam": SAM,
-    "asam": ASAM,
-    "friendly_sam": FriendlySAM,
-    "ssam_f": SSAMF,
-    "ssam_d": SSAMD,
-    "imb_sam": ImbSAM,
-    "gsam": GSAM,
-    "a2sam": A2SAM,
-    "xsam": XSAM,
-    "hatam": HATAM,
-}
+from .registry import MethodInfo, method, methods, register, register_method
 
-__all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "first_pass_updates_bn",
+
+def __getattr__(name: str):
+    if name == "METHODS":  # method name → class (None: the plain base optimizer), from the registry
+        return {n: info.cls for n, info in methods().items()}
+    raise AttributeError(f"module 'sharpbench.optim' has no attribute {name!r}")
+
+
+__all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "MethodInfo", "method", "methods",
+           "register", "register_method", "first_pass_updates_bn",
            "frozen_bn_stats"]
 __all__ += ["A2SAM", "XSAM", "HATAM"]
 __all__ += ["FriendlySAM", "SSAMF", "SSAMD", "SparseSAM", "ImbSAM", "GSAM", "split_loss",

@@ -10,8 +10,10 @@ from ..curvature import HessianOperator, lanczos
 from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, bind_views,
                    check_positive, flat_buffer, flat_state, new_flat_state, require_closure,
                    scaled)
+from .context import StepContext
 from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
+from .registry import register_method
 
 LossClosure = Callable[[], Tensor]
 
@@ -42,6 +44,9 @@ def ellipsoid_inverse_apply(g: Tensor | Sequence[Tensor], V: Tensor | Sequence[T
     return out[0] if single else out
 
 
+@register_method("a2sam", label="A²SAM", passes=1, order=70, needs=("loss_closure",),
+                 paper='"A²SAM: Accelerated Anisotropic Sharpness-Aware Minimization", an '
+                       'unpublished method description (specified in docs/methods.md)')
 class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     """A²SAM, "Accelerated Anisotropic Sharpness-Aware Minimization" (DeepThinker-X Research
     Unit; a method proposal with no published code or experiments, described in Russian). What
@@ -117,8 +122,8 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     ``first_step`` / ``second_step`` exist (``perturbation()`` uses the stale gradient) but a
     driver that computes the gradient at ``w`` first wastes that pass.
 
-    Extra input (``extra_inputs = ("loss_closure",)``): ``step(closure, loss_closure)`` where
-    ``loss_closure()`` returns the scalar loss on the current batch at the current (unperturbed)
+    Extra input: ``step(closure, loss_closure)`` (or ``context.loss_closure``, see
+    ``sharpbench.optim.context``) where ``loss_closure()`` returns the scalar loss on the current batch at the current (unperturbed)
     weights *with its graph* and does not call ``backward``. It is called only on refresh steps,
     before ``closure``; it must not update BatchNorm running statistics (wrap it in
     ``frozen_bn_stats``), should not run under fp16 autocast, and must return the unscaled loss.
@@ -126,7 +131,7 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     The loss ``step`` returns: the loss at the unperturbed ``w`` when the step has one (step 0,
     every step of the fresh-gradient variant, and refresh steps, from ``loss_closure``); on the
     other, one-pass steps only ``L_B(w + e)`` exists and is returned, with
-    ``last_loss_is_perturbed = True``. The Lightning module logs the two under different names
+    ``last_loss_is_perturbed = True`` (and ``context.loss_is_perturbed``). The Lightning module logs the two under different names
     (``train/loss`` and ``train/loss_perturbed``), so curves compare like with like.
 
     Counters (python ints, saved in ``state_dict``): ``num_closure_calls``,
@@ -142,7 +147,6 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     """
 
     passes_per_step: float = 1.0  # closure calls per step after step 0 (see ``passes``)
-    extra_inputs: tuple[str, ...] = ("loss_closure",)
     ALPHA_MODES = ("absolute", "relative")
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
@@ -167,8 +171,6 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
         self.lanczos_iters, self.lanczos_check_every = int(lanczos_iters), int(lanczos_check_every)
         self.lanczos_tol = float(lanczos_tol) if lanczos_tol else None
         self.stale_gradient, self.alpha_mode = bool(stale_gradient), alpha_mode
-        if self.alpha == 0:
-            self.extra_inputs = ()  # the sphere: no eigen-solve, no loss_closure
         if not self.stale_gradient:
             self.passes_per_step = 2.0
         super().__init__(params, base_optimizer, dict(rho=rho), **base_kwargs)
@@ -325,34 +327,36 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure=None, loss_closure: LossClosure | None = None) -> Tensor:
+    def step(self, closure=None, loss_closure: LossClosure | None = None,
+             context: StepContext | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
+        context = context if context is not None else StepContext()
+        if loss_closure is None:
+            loss_closure = context.loss_closure
         refresh_loss = None
         if self.alpha > 0 and self.method_state["step"] % self.interval == 0:
             refresh_loss = self._refresh_eigenpairs(loss_closure)
         two_pass = not self.stale_gradient or not self._has_stale()
         try:
             if two_pass:  # fresh variant, or step 0 of the stale one (plain SAM)
-                with torch.enable_grad():
-                    loss = closure()
+                loss = self.call_closure(closure)
                 self.method_state["num_closure_calls"] += 1
-                self.first_step()
+                self.first_step(context=context)
             else:
                 self.perturb(self.perturbation())
-            with torch.enable_grad():
-                perturbed_loss = closure()
+            perturbed_loss = self.call_closure(closure)
             self.method_state["num_closure_calls"] += 1
         finally:
             self.restore()
         kept = self._keep_stale_gradient() if self.stale_gradient else None
-        if self.base_step() and kept is not None:
+        if self.base_step(context) and kept is not None:
             self._adopt_stale_gradient(*kept)
         self.method_state["step"] += 1
         if two_pass:
-            self.last_loss_is_perturbed = False
-            return loss
-        if refresh_loss is not None:
-            self.last_loss_is_perturbed = False
-            return refresh_loss
-        self.last_loss_is_perturbed = True
-        return perturbed_loss
+            loss_out, perturbed = loss, False
+        elif refresh_loss is not None:
+            loss_out, perturbed = refresh_loss, False
+        else:
+            loss_out, perturbed = perturbed_loss, True
+        self.last_loss_is_perturbed = context.loss_is_perturbed = perturbed
+        return loss_out

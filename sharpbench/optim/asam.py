@@ -5,8 +5,12 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
+from .registry import register_method
 
 
+@register_method("asam", label="ASAM", passes=2, order=20,
+                 paper='Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for '
+                       'Scale-Invariant Learning of Deep Neural Networks", ICML 2021')
 class ASAM(SharpnessAwareOptimizer):
     """Adaptive SAM (Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant
     Learning of Deep Neural Networks", ICML 2021), p = 2.

@@ -15,24 +15,24 @@ list, so an LR scheduler attached to the outer optimizer drives the base step, a
 hyperparameters (``rho`` …) live in the same groups (a scheduler may change them too).
 
 Closure protocol (the one PyTorch users know): ``step(closure)`` calls ``closure`` as often as the
-method needs; the closure zeroes the gradients, computes the loss, calls ``backward`` and
-returns the loss. ``step`` returns the loss of the first call, at the unperturbed weights.
+method needs; the closure computes the loss, calls ``backward`` and returns the loss. ``step``
+clears ``.grad`` before every call, so whatever ``.grad`` holds on entry (davda54/sam's README
+calls ``loss.backward()`` before ``step(closure)``, and its closure does not zero the gradients)
+never adds to the gradients the method uses. ``step`` returns the loss of the first call, at the
+unperturbed weights.
 
-Finer calls for drivers that need them (the Lightning module, mixed precision, DDP):
+What a step needs beyond the closure (DDP gradient averaging, clipping, an fp16 overflow check,
+and the inputs a few methods read) reaches it in one object, ``step(closure, context=...)``: see
+:mod:`sharpbench.optim.context`.
+
+Finer calls for drivers that need them (mixed precision by hand, DDP, davda54/sam's usage):
 
 - ``first_step()``  perturb: ``w <- w + e`` from the current ``.grad`` (saving ``w``),
 - ``restore()``     put the saved ``w`` back, exactly,
-- ``base_step()``   the base optimizer's step with the current ``.grad`` (after ``grad_reducer``),
-- ``second_step()`` ``restore()`` then ``base_step()``.
+- ``base_step()``   the base optimizer's step with the current ``.grad``,
+- ``second_step()`` ``restore()`` then the gradient correction, then ``base_step()``.
 
-Driver hooks (attributes, ``None`` by default, so plain PyTorch use needs none of them):
-
-- ``grad_reducer(grads)``: averages gradients across devices in place (DDP). Called before the
-  base step; also before the perturbation if ``reduce_perturbation_grads`` is true (by default
-  each device perturbs with its own gradient).
-- ``before_base_step()``: called right before the base step, after the gradients are reduced;
-  may clip them; returns ``False`` to skip the step (fp16 overflow). The weights are restored
-  first either way, so a skipped step never leaves them perturbed.
+Each takes the same optional ``context``.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from .context import StepContext
 
 Closure = Callable[..., Tensor]
 
@@ -52,14 +54,11 @@ class SharpnessAwareOptimizer(Optimizer):
     perturbation", :meth:`step`). Class attributes document the cost and the protocol:
 
     - ``passes_per_step``: nominal closure calls per step (the driver measures the real count),
-    - ``extra_inputs``: names of keyword arguments ``step`` needs beyond the closure
-      (``fisher_closure``, ``loss_closure``); drivers supply exactly these.
     - ``closure_parts``: if not ``None``, the closure takes one argument, ``part``, from this tuple
       (ImbSAM's head/tail losses).
     """
 
     passes_per_step: float = 2.0
-    extra_inputs: tuple[str, ...] = ()
     closure_parts: tuple[str, ...] | None = None
 
     def __init__(self, params: Iterable, base_optimizer: type[Optimizer] | Callable[..., Optimizer],
@@ -73,9 +72,6 @@ class SharpnessAwareOptimizer(Optimizer):
         # One list of groups for both: schedulers and hyperparameter changes reach the base step.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        self.grad_reducer: Callable[[list[Tensor]], None] | None = None
-        self.reduce_perturbation_grads: bool = False
-        self.before_base_step: Callable[[], bool] | None = None
         # Per-optimizer state that is not per parameter (step counters, eigenvalues); saved and
         # restored by state_dict() like the per-parameter state.
         self.method_state: dict = {}
@@ -102,10 +98,17 @@ class SharpnessAwareOptimizer(Optimizer):
         pairs = [(p, g["rho"]) for g in self.param_groups for p in g["params"] if p.grad is not None]
         return [p for p, _ in pairs], [r for _, r in pairs]
 
-    def reduce_grads(self) -> None:
-        """Average gradients across devices via the driver's ``grad_reducer`` (no-op without)."""
-        if self.grad_reducer is not None:
-            self.grad_reducer([p.grad for p in self.params_with_grad()])
+    def reduce_grads(self, context: StepContext | None = None) -> None:
+        """Average gradients across devices with the context's ``grad_reducer`` (no-op without)."""
+        if context is not None and context.grad_reducer is not None:
+            context.grad_reducer([p.grad for p in self.params_with_grad()])
+
+    def call_closure(self, closure: Closure, *args) -> Tensor:
+        """One pass: clear ``.grad`` (so nothing held on entry is added to), then the closure with
+        gradients enabled."""
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            return closure(*args)
 
     @torch.no_grad()
     def perturb(self, eps: dict[Tensor, Tensor]) -> None:
@@ -129,10 +132,10 @@ class SharpnessAwareOptimizer(Optimizer):
         return out
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, context: StepContext | None = None) -> None:
         """``w <- w + e(g)`` with ``g`` the current gradients."""
-        if self.reduce_perturbation_grads:
-            self.reduce_grads()
+        if context is not None and context.reduce_perturbation_grads:
+            self.reduce_grads(context)
         self.perturb(self.perturbation())
         if zero_grad:
             self.zero_grad()
@@ -146,41 +149,40 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed = []
 
     @torch.no_grad()
-    def base_step(self) -> bool:
-        """Reduce gradients (DDP), call ``before_base_step`` (clipping, overflow check), then the base
-        optimizer's step unless that returned False.
+    def base_step(self, context: StepContext | None = None) -> bool:
+        """Reduce gradients (the context's ``grad_reducer``), call its ``before_base_step``
+        (clipping, overflow check), then the base optimizer's step unless that returned False.
 
         Returns whether the step was taken."""
-        self.reduce_grads()
-        if self.before_base_step is not None and not self.before_base_step():
+        self.reduce_grads(context)
+        if context is not None and context.before_base_step is not None \
+                and not context.before_base_step():
             return False
         self.base_optimizer.step()
         return True
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> bool:
+    def second_step(self, zero_grad: bool = False, context: StepContext | None = None) -> bool:
         """Restore ``w``, then the base step with the (corrected) gradient at ``w + e``."""
         self.restore()
         self.gradient_correction()
-        taken = self.base_step()
+        taken = self.base_step(context)
         if zero_grad:
             self.zero_grad()
         return taken
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:
+    def step(self, closure: Closure | None = None, context: StepContext | None = None) -> Tensor:
         """One step; ``closure`` is called twice (at ``w`` and at ``w + e``)."""
         closure = require_closure(closure, type(self).__name__)
-        with torch.enable_grad():
-            loss = closure()
-        self.first_step()
+        loss = self.call_closure(closure)
+        self.first_step(context=context)
         try:
-            with torch.enable_grad():
-                closure()
+            self.call_closure(closure)
         finally:
             self.restore()
         self.gradient_correction()
-        self.base_step()
+        self.base_step(context)
         return loss
 
     # ------------------------------------------------------------------ state (checkpoints)

@@ -13,6 +13,9 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .bn import check_bn_policy
+from .registry import methods
+
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
@@ -29,8 +32,7 @@ BASE_FIELDS = ("lr", "momentum", "nesterov", "dampening", "weight_decay", "betas
 FAST_BASE_STEP = {"sgd": {"fused": True}, "adam": {"fused": True}, "adamw": {"fused": True},
                   "rmsprop": {"foreach": True}}
 # Fields read by the factory or by the driver (not passed to any optimizer constructor).
-FACTORY_FIELDS = ("name", "base", "adaptive_params", "fisher_batch_size", "fisher_estimator",
-                  "fisher_bn", "fisher_method", "bn_policy")
+FACTORY_FIELDS = ("name", "base", "adaptive_params", "bn_policy")
 # Facts about the run a method may need (e.g. SSAM's epoch-based refresh): passed by the driver
 # to ``build_optimizer(..., context=...)`` and given to a method only if its constructor names
 # them and the config does not set them.
@@ -43,8 +45,7 @@ class OptimizerConfigError(ValueError):
 
 def method_registry() -> dict[str, type | None]:
     """Method name → class (``None``: the plain base optimizer, one pass per step)."""
-    from . import METHODS
-    return METHODS
+    return {name: info.cls for name, info in methods().items()}
 
 
 def split_fields(cfg: Mapping[str, Any]) -> tuple[str, str, dict, dict]:
@@ -65,15 +66,10 @@ def accepted_kwargs(cls: type, kwargs: dict) -> tuple[dict, list[str]]:
 
 
 def check_driver_fields(cfg: Mapping[str, Any]) -> None:
-    """The fields the driver reads (BatchNorm policy, SSAM-F's Fisher estimate), checked here so
-    that a bad value stops the run before any data loads."""
-    from .bn import check_bn_policy
-    from .fisher import check_fisher_options
+    """The field the driver reads (the BatchNorm policy), checked here so that a bad value stops
+    the run before any data loads."""
     try:
         check_bn_policy(cfg.get("bn_policy") or "first_pass")
-        check_fisher_options(cfg.get("fisher_estimator") or "per_sample",
-                             cfg.get("fisher_bn") or "eval", cfg.get("fisher_batch_size") or 32,
-                             cfg.get("fisher_method") or "vmap")
     except ValueError as err:
         raise OptimizerConfigError(f"optimizer: {err}") from err
 

@@ -5,11 +5,14 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
+from .registry import register_method
 
 
 EMA_ORDERS = ("update_first", "subtract_previous")
 
 
+@register_method("friendly_sam", label="FriendlySAM", passes=2, order=30,
+                 paper='Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024')
 class FriendlySAM(SharpnessAwareOptimizer):
     """Friendly Sharpness-Aware Minimization (Li et al., "Friendly Sharpness-Aware Minimization",
     CVPR 2024).

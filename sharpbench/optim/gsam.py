@@ -7,8 +7,13 @@ from torch import Tensor
 from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer,
                    global_grad_norm, group_indices)
 from .sam import lp_ball_argmax
+from .context import StepContext
+from .registry import register_method
 
 
+@register_method("gsam", label="GSAM", passes=2, order=100,
+                 paper='Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", '
+                       'ICLR 2022')
 class GSAM(SharpnessAwareOptimizer):
     """Surrogate Gap Guided SAM (Zhuang et al., "Surrogate Gap Guided Sharpness-Aware
     Minimization", ICLR 2022; the paper's title on OpenReview: "Surrogate Gap Minimization
@@ -95,6 +100,15 @@ class GSAM(SharpnessAwareOptimizer):
         frac = (group["lr"] - group["lr_min"]) / (group["lr_max"] - group["lr_min"])
         lo, hi = min(rho_min, rho), max(rho_min, rho)
         return min(max(rho_min + (rho - rho_min) * frac, lo), hi)
+
+    @torch.no_grad()
+    def step(self, closure=None, context: StepContext | None = None) -> Tensor:
+        """SAM's two passes and the corrected base step; ``context.logged["rho"]`` gets the radius
+        this step used (the first group's ``rho_t``)."""
+        loss = super().step(closure, context)
+        if context is not None:
+            context.logged["rho"] = self.param_groups[0]["rho_t"]
+        return loss
 
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:

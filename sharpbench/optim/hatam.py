@@ -8,10 +8,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .base import group_indices
+from .registry import register_method
 
 MODULATORS = ("tensor", "global")
 
 
+@register_method("hatam", label="HATAM", passes=1, order=80, baseline="adamw",
+                 paper='"HATAM: Heuristic Anisotropic Trajectory-Aware Minimization", an '
+                       'unpublished method description (specified in docs/methods.md)')
 class HATAM(Optimizer):
     """HATAM, "Heuristic Anisotropic Trajectory-Aware Minimization" (described in the project's ``docs/methods.md``): AdamW
     fed with a gradient corrected by a smoothed gradient difference, scaled per coordinate by
@@ -59,7 +63,6 @@ class HATAM(Optimizer):
 
     takes_base_optimizer = False
     passes_per_step: float = 1.0
-    extra_inputs: tuple[str, ...] = ()
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, beta_c: float = 0.99,

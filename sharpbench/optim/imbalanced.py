@@ -1,11 +1,15 @@
 """ImbSAM: sharpness-aware minimisation of the tail classes only."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, require_closure
+from .context import StepContext
 from .sam import lp_ball_argmax
+from .registry import register_method
 
 PARTS = ("head", "tail")
 
@@ -36,6 +40,10 @@ def split_loss(per_sample_loss: Tensor, targets: Tensor, tail_mask_per_class: Te
     return (per_sample_loss * keep.to(per_sample_loss.dtype)).sum() / per_sample_loss.numel()
 
 
+@register_method("imb_sam", label="ImbSAM", passes=3, order=60,
+                 needs=("closure_of", "class_counts"),
+                 paper='Zhou et al., "ImbSAM: A Closer Look at Sharpness-Aware Minimization in '
+                       'Class-Imbalanced Recognition", ICCV 2023')
 class ImbSAM(SharpnessAwareOptimizer):
     """Imbalanced SAM (Zhou et al., "ImbSAM: A Closer Look at Sharpness-Aware Minimization in
     Class-Imbalanced Recognition", ICCV 2023).
@@ -54,13 +62,14 @@ class ImbSAM(SharpnessAwareOptimizer):
     unchanged, being normalised).
 
     Closure protocol (``closure_parts = ("head", "tail")``): the closure takes one argument,
-    ``part``, zeroes the gradients, computes the loss of that part only (forward the whole batch
-    and mask the per-sample losses with :func:`split_loss`, so BatchNorm sees the same batch in
-    every pass), calls ``backward`` and returns that loss. ``step`` calls it three times:
-    ``"head"`` at ``w``, ``"tail"`` at ``w``, ``"tail"`` at ``w + e`` (``passes_per_step = 3``) and
-    returns ``L_head + L_tail`` at ``w`` (unweighted). The driver builds the split with
-    ``tail_class_mask(class_counts, opt.class_threshold)``; the step itself never reads
-    ``class_threshold``. If a batch has no tail sample, ``g_tail = 0`` and ``e = 0``: the step is
+    ``part``, computes the loss of that part only (forward the whole batch and mask the
+    per-sample losses with :func:`split_loss`, so BatchNorm sees the same batch in every pass),
+    calls ``backward`` and returns that loss. ``step`` calls it three times: ``"head"`` at ``w``,
+    ``"tail"`` at ``w``, ``"tail"`` at ``w + e`` (``passes_per_step = 3``) and returns
+    ``L_head + L_tail`` at ``w`` (unweighted). With a step context that offers ``closure_of`` and
+    ``class_counts`` (the Lightning module's), the step builds these part closures itself, with
+    ``tail_class_mask(context.class_counts, class_threshold)``, and the closure it is given
+    takes no argument. If a batch has no tail sample, ``g_tail = 0`` and ``e = 0``: the step is
     the base step with the batch gradient (the three passes are still run).
 
     ``class_threshold`` (default 20): the authors' script marks class ``c`` tail iff its count
@@ -107,21 +116,33 @@ class ImbSAM(SharpnessAwareOptimizer):
             out.append(buf)
         return out
 
+    def part_closure(self, closure, context: StepContext | None):
+        """``closure(part)``: the given closure, or one built from the context's ``closure_of``
+        and the tail classes of its ``class_counts``."""
+        if context is None or context.closure_of is None:
+            return closure
+        counts = context.require("class_counts", "ImbSAM", "the training images per class")
+        cached = getattr(self, "_tail_mask", None)
+        if cached is None or cached[0] is not counts:
+            self._tail_mask = cached = (counts, self.tail_class_mask(counts))
+        mask, closure_of = cached[1], context.closure_of
+
+        def part(name: str) -> Tensor:
+            return closure_of(functools.partial(_part_loss, tail_mask=mask, part=name))()
+        return part
+
     @torch.no_grad()
-    def step(self, closure=None) -> Tensor:
-        closure = require_closure(closure, type(self).__name__)
-        with torch.enable_grad():
-            loss_head = closure("head")
+    def step(self, closure=None, context: StepContext | None = None) -> Tensor:
+        closure = self.part_closure(require_closure(closure, type(self).__name__), context)
+        loss_head = self.call_closure(closure, "head")
         head_params = self.params_with_grad()
         g_head = self.head_buffers(head_params)
         if head_params:
             torch._foreach_copy_(g_head, [p.grad for p in head_params])
-        with torch.enable_grad():
-            loss_tail = closure("tail")
-        self.first_step()
+        loss_tail = self.call_closure(closure, "tail")
+        self.first_step(context=context)
         try:
-            with torch.enable_grad():
-                closure("tail")
+            self.call_closure(closure, "tail")
         finally:
             self.restore()
         tail = [p.grad for p in self.params_with_grad()]
@@ -133,5 +154,9 @@ class ImbSAM(SharpnessAwareOptimizer):
         for p, gh in zip(head_params, g_head):
             if p.grad is None:
                 p.grad = gh.clone()
-        self.base_step()
+        self.base_step(context)
         return loss_head.detach() + loss_tail.detach()
+
+
+def _part_loss(per_sample: Tensor, targets: Tensor, tail_mask: Tensor, part: str) -> Tensor:
+    return split_loss(per_sample, targets, tail_mask, part)

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
+from .asam import ASAM
+from .registry import register_method
 
 
 def dual_exponent(p: float) -> float:
@@ -57,6 +59,9 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
     return [torch.sign(u) * u.abs().pow(q - 1) * (r / norm.pow(q - 1)) for u, r in zip(units, rho)]
 
 
+@register_method("sam", label="SAM", passes=2, order=10,
+                 paper='Foret et al., "Sharpness-Aware Minimization for Efficiently Improving '
+                       'Generalization", ICLR 2021')
 class SAM(SharpnessAwareOptimizer):
     """Sharpness-Aware Minimization (Foret et al., "Sharpness-Aware Minimization for Efficiently
     Improving Generalization", ICLR 2021), with the general l_p neighbourhood of their eq. 2.
@@ -69,6 +74,10 @@ class SAM(SharpnessAwareOptimizer):
     Two forward/backward passes per step. ``rho`` is per parameter group (a scheduler may change
     it); ``p`` is 2 by default and may be any value >= 1 or ``float('inf')`` / ``"inf"``.
 
+    ``adaptive=True`` is davda54/sam's adaptive SAM: ASAM (:class:`~sharpbench.optim.ASAM`) with
+    ``eta = 0``, ``e = rho·w²g/||w g||₂``, so that code written for their ``SAM`` runs with only
+    its import changed (their ``rho`` for it is 2.0).
+
     Example::
 
         opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
@@ -78,13 +87,20 @@ class SAM(SharpnessAwareOptimizer):
     """
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 p: float | str = 2.0, **base_kwargs):
+                 p: float | str = 2.0, adaptive: bool = False, **base_kwargs):
         check_positive("rho", rho)
         self.p = parse_p(p)
-        super().__init__(params, base_optimizer, dict(rho=rho), **base_kwargs)
+        self.adaptive = bool(adaptive)
+        if self.adaptive and self.p != 2:
+            raise ValueError(f"SAM(adaptive=True) is davda54/sam's adaptive SAM (ASAM with eta=0), "
+                             f"defined for p=2; got p={p}")
+        defaults = dict(rho=rho, adaptive=True, eta=0.0) if self.adaptive else dict(rho=rho)
+        super().__init__(params, base_optimizer, defaults, **base_kwargs)
 
     @torch.no_grad()
     def perturbation(self) -> dict[Tensor, Tensor]:
+        if self.adaptive:
+            return ASAM.perturbation(self)  # T = |w| + 0 in every group
         params, rhos = self.params_and_rhos()
         eps = lp_ball_argmax([p.grad for p in params], rhos, self.p)
         return dict(zip(params, eps))

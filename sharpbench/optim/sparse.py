@@ -9,6 +9,9 @@ from torch import Tensor
 
 from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buffer, flat_state,
                    global_grad_norm, new_flat_state, require_closure, scaled)
+from .context import StepContext
+from .fisher import check_fisher_options, fisher_terms
+from .registry import register_method
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -225,6 +228,9 @@ class SparseSAM(SharpnessAwareOptimizer):
         return eps
 
 
+@register_method("ssam_f", label="SSAM-F", passes=2, order=40, needs=("sample", "model"),
+                 paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
+                       'Perturbation Approach", NeurIPS 2022 (Fisher mask)')
 class SSAMF(SparseSAM):
     """SSAM-F: Sparse SAM with a Fisher-information mask (Mi et al., NeurIPS 2022).
 
@@ -237,7 +243,12 @@ class SSAMF(SparseSAM):
     arbitrarily); then the step is a sparse SAM step (see :class:`SparseSAM`). Because step 0
     refreshes, a mask always exists before it is used.
 
-    ``step(closure, fisher_closure=None)``. ``fisher_closure()`` is called until ``num_samples``
+    ``step(closure, fisher_closure=None, context=None)``. With a step context that offers ``model``
+    and ``sample`` (the Lightning module's), the step builds the Fisher closure itself: each call
+    draws ``fisher_batch_size`` un-augmented training samples (``context.sample``) and returns
+    :func:`sharpbench.optim.fisher.fisher_terms` of them, with ``fisher_estimator``,
+    ``fisher_method`` and BatchNorm per ``fisher_bn``. Otherwise ``fisher_closure()`` (given by
+    hand) is called until ``num_samples``
     samples are seen; each call returns either
 
     - ``(S, n)``: for every parameter of the optimizer (:meth:`all_params` order), ``S`` the sum
@@ -255,8 +266,8 @@ class SSAMF(SparseSAM):
     The Fisher sum is divided by the samples seen; the gradients are zeroed after the Fisher
     passes, so the step itself is unaffected. ``num_fisher_passes`` counts ``fisher_closure``
     calls. The driver should leave BatchNorm running statistics alone during the estimate (the
-    Lightning module evaluates it with BatchNorm in eval mode by default, ``fisher_bn``) and,
-    under DDP, skip the gradient all-reduce. Drivers that call :meth:`first_step` themselves
+    closure built from a step context evaluates it with BatchNorm in eval mode by default,
+    ``fisher_bn``) and, under DDP, skip the gradient all-reduce. Drivers that call :meth:`first_step` themselves
     call :meth:`refresh_mask` first whenever :meth:`refresh_due` is true.
 
     The authors' schedule (``refresh_timing="next_step"``, with ``update_unit="epoch"`` their
@@ -272,17 +283,33 @@ class SSAMF(SparseSAM):
     ``update_freq`` 5 (epochs), ``num_samples`` 1024, rho 0.05.
     """
 
-    extra_inputs = ("fisher_closure",)
-
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  sparsity: float = 0.5, update_interval: int = 5, num_samples: int = 256,
-                 **kwargs):
+                 fisher_estimator: str = "per_sample", fisher_method: str = "vmap",
+                 fisher_batch_size: int = 32, fisher_bn: str = "eval", **kwargs):
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples (n_s) must be a positive integer, got {num_samples}")
+        check_fisher_options(fisher_estimator, fisher_bn, fisher_batch_size, fisher_method)
         super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity,
                          update_interval=update_interval, **kwargs)
         self.num_samples = int(num_samples)
+        self.fisher_estimator, self.fisher_method = fisher_estimator, fisher_method
+        self.fisher_batch_size, self.fisher_bn = int(fisher_batch_size), fisher_bn
         self.num_fisher_passes = 0
+
+    def fisher_closure_of(self, context: StepContext) -> FisherClosure:
+        """A Fisher closure over ``fisher_batch_size`` samples per call from ``context.sample``."""
+        model = context.require("model", "SSAMF", "the network being trained")
+        sample = context.require("sample", "SSAMF", "a function n -> (x, y) of training samples")
+        params = self.all_params()
+
+        def fisher_closure():
+            with context.extra_pass():
+                x, y = sample(self.fisher_batch_size)
+                return fisher_terms(model, params, x, y, estimator=self.fisher_estimator,
+                                    batch_size=self.fisher_batch_size, bn=self.fisher_bn,
+                                    method=self.fisher_method)
+        return fisher_closure
 
     @torch.no_grad()
     def fisher_diagonal(self, fisher_closure: FisherClosure) -> list[Tensor]:
@@ -355,16 +382,19 @@ class SSAMF(SparseSAM):
                 "fisher_closure=...) does this itself)")
 
     @torch.no_grad()
-    def step(self, closure=None, fisher_closure: FisherClosure | None = None) -> Tensor:
+    def step(self, closure=None, fisher_closure: FisherClosure | None = None,
+             context: StepContext | None = None) -> Tensor:
         """One step: the Fisher passes if a refresh is due, then the two SAM passes (with
         ``refresh_timing="next_step"``: the two passes, then the Fisher passes)."""
         closure = require_closure(closure, type(self).__name__)
         due = self.refresh_due()
+        if due and fisher_closure is None and context is not None and context.sample is not None:
+            fisher_closure = self.fisher_closure_of(context)
         if due and self.refresh_timing == "current_step":
             self.refresh_mask(fisher_closure)
         elif due and fisher_closure is None:
             self.refresh_mask(None)                       # the clear error, before any pass
-        loss = super().step(closure)
+        loss = super().step(closure, context)
         if due and self.refresh_timing == "next_step":
             self.refresh_mask(fisher_closure)
         return loss
@@ -373,6 +403,9 @@ class SSAMF(SparseSAM):
 DROP_SCHEDULES = ("constant", "cosine")
 
 
+@register_method("ssam_d", label="SSAM-D", passes=2, order=50,
+                 paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
+                       'Perturbation Approach", NeurIPS 2022 (dynamic mask)')
 class SSAMD(SparseSAM):
     """SSAM-D: Sparse SAM with a dynamic mask (Mi et al., NeurIPS 2022; dynamic sparse training).
 

@@ -1,6 +1,8 @@
 """X-SAM: SAM with the gradient corrected along the top Hessian eigenvector."""
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import torch
@@ -11,10 +13,16 @@ from .base import (FlatBuffer, HessianCounters, flat_buffer, flat_state, global_
                    new_flat_state, require_closure)
 from .eigen_record import EigenSolveRecord
 from .sam import SAM
+from .context import StepContext
+from .registry import register_method
 
 LossClosure = Callable[[], Tensor]
 
 
+@register_method("xsam", label="X-SAM", passes=2, order=90,
+                 needs=("loss_closure", "batch_idx"),
+                 paper='Duan et al., "Boosting Sharpness-Aware Minimization with '
+                       'Dominant-Eigenvector Gradient Correction", 2026')
 class XSAM(EigenSolveRecord, HessianCounters, SAM):
     """X-SAM, explicit eigenvector-aligned SAM (Duan et al. 2026, "Boosting Sharpness-Aware
     Minimization with Dominant-Eigenvector Gradient Correction"; authors' code:
@@ -59,19 +67,18 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
       in eval mode (BatchNorm normalising with its running statistics). Ours (``"train"``) is the
       Hessian of the objective being trained: train-mode BatchNorm (batch statistics, running
       statistics frozen) and the run's label smoothing. At initialisation the two differ a lot
-      (running statistics are still their initial values). The driver reads this attribute when
-      it builds ``loss_closure``.
+      (running statistics are still their initial values). With a step context the method asks
+      for ``context.loss_closure("eval")``; a ``loss_closure`` given by hand is used as it is.
     - ``refresh_schedule="per_epoch"``: their refresh runs at batch ``i`` of every epoch with
       ``i % freq == 0 and i > 0``: the first refresh is at step ``freq`` (the first ``freq`` steps
       are plain SAM), and the count restarts every epoch. This needs the batch index within the
-      epoch: ``step(closure, loss_closure, batch_idx=i)`` (``extra_inputs`` then includes
-      ``"batch_idx"``). Ours (``"global"``) refreshes at global steps ``0, freq, 2·freq, …``.
+      epoch: ``step(closure, loss_closure, batch_idx=i)`` (or ``context.batch_idx``). Ours (``"global"``) refreshes at global steps ``0, freq, 2·freq, …``.
 
     Not switchable: their first power iteration starts from a random vector (ours from the
     gradient), and their code does not run as published (the X-SAM branch reads a variable set
     only under another name).
 
-    Extra input (``extra_inputs = ("loss_closure",)``): ``step(closure, loss_closure)`` where
+    Extra input: ``step(closure, loss_closure)`` (or ``context.loss_closure``) where
     ``loss_closure()`` returns the scalar loss on the current batch at the current (unperturbed)
     weights with its graph and without calling ``backward``; it is called only on refresh steps,
     before ``closure``, and must not update BatchNorm running statistics (wrap it in
@@ -93,7 +100,6 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
     """
 
     passes_per_step: float = 2.0
-    extra_inputs: tuple[str, ...] = ("loss_closure",)
     CORRECTIONS = ("projection", "sign")
     HESSIAN_LOSSES = ("train", "eval_ce")
     REFRESH_SCHEDULES = ("global", "per_epoch")
@@ -112,8 +118,6 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
         self.alpha, self.freq, self.power_iters = float(alpha), int(freq), int(power_iters)
         self.correction, self.normalize_gradient = correction, bool(normalize_gradient)
         self.hessian_loss, self.refresh_schedule = hessian_loss, refresh_schedule
-        if refresh_schedule == "per_epoch":
-            self.extra_inputs = ("loss_closure", "batch_idx")
         super().__init__(params, base_optimizer, rho=rho, p=2.0, **base_kwargs)
         self.method_state.update(step=0, eigval=None)
         self.init_counters()
@@ -199,8 +203,14 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
 
     @torch.no_grad()
     def step(self, closure=None, loss_closure: LossClosure | None = None,
-             batch_idx: int | None = None) -> Tensor:
+             batch_idx: int | None = None, context: StepContext | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
+        if context is not None:
+            if batch_idx is None:
+                batch_idx = context.batch_idx
+            if loss_closure is None and context.loss_closure is not None:
+                mode = "eval" if self.hessian_loss == "eval_ce" else "train"
+                loss_closure = functools.partial(context.loss_closure, mode)
         if self.is_refresh_step(batch_idx):
             self._refresh_eigenvector(loss_closure)
 
@@ -208,6 +218,6 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
             self.method_state["num_closure_calls"] += 1
             return closure()
 
-        loss = super().step(counted)  # SAM's two passes, then correct_gradient(), then the base step
+        loss = super().step(counted, context)  # SAM's two passes, then correct_gradient(), then the base step
         self.method_state["step"] += 1
         return loss

@@ -1,0 +1,82 @@
+"""The step context: what one optimizer step may need beyond the closure.
+
+``opt.step(closure)`` needs nothing else, and that is how most methods are used. A few methods
+need more of the step: a loss they can differentiate twice (Hessian-vector products), fresh
+training samples (a Fisher estimate), a loss split by class (ImbSAM), the batch's position in
+the epoch; and a driver may need a say in the step: averaging gradients across devices (DDP),
+clipping them, skipping a step whose fp16 gradients overflowed. All of it travels in one object::
+
+    loss = opt.step(closure, context=StepContext(loss_closure=..., batch_idx=i))
+
+A method declares the fields it reads in its registry entry (``needs``); a driver fills in what it
+can offer and leaves the rest ``None``. The Lightning module (``sharpbench.module``), the bench and
+a user's own loop build contexts the same way; no driver knows any method by name.
+
+Inputs (set by the driver):
+
+- ``model``: the network being trained.
+- ``loss_closure(mode="train")``: the loss on the current batch at the current weights, with its
+  graph and without ``backward`` (for Hessian-vector products); full precision. ``"train"``: the
+  training objective with BatchNorm in train mode and its running statistics left unchanged;
+  ``"eval"``: plain cross-entropy with the model in eval mode.
+- ``sample(n)``: ``n`` un-augmented training samples ``(x, y)`` on the model's device, from a
+  seeded stream (a Fisher estimate).
+- ``extra_pass()``: a context manager a method enters around each pass it runs itself (SSAM-F's
+  Fisher passes), so that the driver counts it as a pass and a profiler can tell it apart.
+- ``closure_of(reduce)``: a closure like the step's own, except that its loss is
+  ``reduce(per_sample_losses, targets)``.
+- ``batch_idx``: the batch's index within its epoch.
+- ``class_counts``: training images per class (a 1-D tensor).
+- ``grad_reducer(grads)``: averages gradients across devices in place; called before the base
+  step, and before the perturbation too if ``reduce_perturbation_grads`` (by default each device
+  perturbs with its own gradient, SAM's m-sharpness).
+- ``before_base_step()``: called after the gradients are reduced, right before the base step; may
+  clip them; returns ``False`` to skip the step (fp16 overflow). The weights are restored first
+  either way.
+
+Outputs (set by the method, read by the driver after the step):
+
+- ``loss_is_perturbed``: whether the loss ``step`` returned was computed at ``w + e`` rather than
+  at ``w`` (A²SAM's one-pass steps); ``None`` (the default) for methods whose loss is always at
+  ``w``. The driver logs a perturbed loss under its own name.
+- ``logged``: extra values to log for this step, by name (GSAM's ``rho``).
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+LossClosure = Callable[..., Tensor]
+Reduce = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class StepContext:
+    """What a driver offers one step (see the module docstring for each field)."""
+
+    model: nn.Module | None = None
+    loss_closure: LossClosure | None = None
+    sample: Callable[[int], tuple[Tensor, Tensor]] | None = None
+    extra_pass: Callable[[], AbstractContextManager] = nullcontext
+    closure_of: Callable[[Reduce], Callable[[], Tensor]] | None = None
+    batch_idx: int | None = None
+    class_counts: Tensor | None = None
+    grad_reducer: Callable[[list[Tensor]], None] | None = None
+    reduce_perturbation_grads: bool = False
+    before_base_step: Callable[[], bool] | None = None
+    # outputs
+    loss_is_perturbed: bool | None = None
+    logged: dict[str, Any] = field(default_factory=dict)
+
+    def require(self, name: str, method: str, example: str) -> Any:
+        """The field ``name``, or an error that says how to supply it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{method}.step() needs context.{name} on this step; pass "
+                             f"opt.step(closure, context=StepContext({name}=...)), e.g. {example}")
+        return value
+
+

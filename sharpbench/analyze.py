@@ -31,7 +31,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from .record import atomic_write_text, read_metrics
+from .fileio import atomic_write_text
+from .data import CIFARDataModule
+from .models import build_model
+from .sharpness import (gradient_eigenvector_angle, hessian_density, hessian_eigenvalues,
+                        hessian_trace, loss_line, loss_surface, sharpness)
+from .sharpness.monitor import read_history
+from .optim.registry import label as method_label  # the names the report uses
+from .record import read_metrics
 from .sharpness import plots
 from .sharpness.landscape import load_surface, save_line, save_surface
 
@@ -64,7 +71,6 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def build_data(cfg: dict[str, Any]):
-    from .data import CIFARDataModule
     data = CIFARDataModule(**cfg["dataset"], seed=int(cfg.get("seed", 0)))
     data.prepare_data()
     data.setup("fit")
@@ -72,7 +78,6 @@ def build_data(cfg: dict[str, Any]):
 
 
 def build_network(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    from .models import build_model
     model_cfg = dict(cfg["model"])
     return build_model(model_cfg.pop("name"), num_classes=num_classes, **model_cfg)
 
@@ -121,7 +126,6 @@ def resolve_device(name: str) -> torch.device:
 
 # --------------------------------------------------------------------------- measures
 def measure_eigen(model, loss_fn, batches, c) -> dict[str, Any]:
-    from .sharpness import gradient_eigenvector_angle, hessian_eigenvalues
     if str(c.dtype) not in DTYPES:
         raise AnalyzeError(f"eigen.dtype={c.dtype}: choose float64 or float32")
     eig = hessian_eigenvalues(model, loss_fn, batches, k=int(c.k), method=str(c.method),
@@ -136,14 +140,12 @@ def measure_eigen(model, loss_fn, batches, c) -> dict[str, Any]:
 
 
 def measure_trace(model, loss_fn, batches, c) -> dict[str, Any]:
-    from .sharpness import hessian_trace
     tr = hessian_trace(model, loss_fn, batches, n_samples=int(c.n_samples))
     return {"trace": tr.trace, "trace_stderr": tr.stderr, "n_samples": tr.n_samples}
 
 
 def measure_density(model, loss_fn, batches, c, out_dir: Path, eigenvalues=(), run: str = "",
                     method: str | None = None) -> dict[str, Any]:
-    from .sharpness import hessian_density
     d = hessian_density(model, loss_fn, batches, num_iters=int(c.num_iters), num_runs=int(c.num_runs),
                         sigma_rel=float(c.sigma_rel))
     png = plots.plot_density(d.grid, d.density, out_dir / "density.png",
@@ -155,7 +157,6 @@ def measure_density(model, loss_fn, batches, c, out_dir: Path, eigenvalues=(), r
 
 
 def measure_sharpness(model, loss_fn, batches, c, batch_size: int) -> dict[str, Any]:
-    from .sharpness import sharpness
     out = {}
     for name, spec in c.measures.items():
         r = sharpness(model, loss_fn, batches, rho=float(spec.rho), kind=str(spec.kind), norm=str(spec.norm),
@@ -167,7 +168,6 @@ def measure_sharpness(model, loss_fn, batches, c, batch_size: int) -> dict[str, 
 
 
 def measure_landscape(model, loss_fn, batches, c, out_dir: Path, title: str, progress: bool) -> dict[str, Any]:
-    from .sharpness import loss_surface
     s = loss_surface(model, loss_fn, batches, grid=int(c.grid), span=float(c.span), seed=int(c.seed),
                      progress=progress)
     save_surface(out_dir / "landscape.npz", s)
@@ -182,7 +182,6 @@ def measure_landscape(model, loss_fn, batches, c, out_dir: Path, title: str, pro
 
 def measure_line(model, loss_fn, batches, c, out_dir: Path, cfg, num_classes, device, title, progress,
                  method: str | None = None):
-    from .sharpness import loss_line
     if str(c.to) == "init":
         other, label = initial_state(cfg, num_classes), "initialisation"
     else:
@@ -279,7 +278,7 @@ def completed_runs(root: Path) -> list[Path]:
 
 def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
     """Side-by-side landscapes (one shared colour scale) and λ_max histories of several runs."""
-    from .report import method_label  # the names the report's tables and curves use
+
     written = []
     items, methods = [], []
     for run in runs:
@@ -294,7 +293,6 @@ def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
                                            "loss surfaces, filter-normalised directions (same seed)",
                                            methods=methods))
         written.append(plots.plot_surfaces(items, out_dir / "landscapes_3d.png", "3d", methods=methods))
-    from .sharpness.monitor import read_history
     series, methods = [], []
     for r in runs:
         if (h := read_history(r)) is not None:

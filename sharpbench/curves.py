@@ -17,17 +17,17 @@ column are drawn without it; a run with no log is left out.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from .fileio import make_shareable
+from .fileio import atomic_file
 
 SMOOTH_POINTS = 50      # a smoothed curve keeps about this many independent points
 FEW_POINTS = 40         # at most this many points: draw markers
+DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
 MODEL_LABELS = {"resnet18": "ResNet-18", "preact_resnet18": "PreAct ResNet-18",
                 "wrn28_10": "WRN-28-10", "tiny_cnn": "tiny CNN"}
 LINESTYLES = ("-", "--", "-.", ":")
@@ -167,7 +167,6 @@ def write_curves(runs: pd.DataFrame, out: Path, labels: Callable[[Any], str],
 
 
 def figure_title(dataset: str, metas: list[dict]) -> str:
-    from .report import DATASET_LABELS
     models = sorted({MODEL_LABELS.get(str(m.get("model")), str(m.get("model"))) for m in metas})
     epochs = sorted({int(m["epochs"]) for m in metas if m.get("epochs") is not None})
     seeds = sorted({m.get("seed") for m in metas if m.get("seed") is not None})
@@ -287,14 +286,7 @@ def save(fig, stem: Path) -> dict[str, Path]:
     paths = {}
     for fmt, kwargs in (("png", {"dpi": 150}), ("pdf", {})):
         path = stem.with_suffix(f".{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=stem.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            make_shareable(tmp)
-            fig.savefig(tmp, format=fmt, **kwargs)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as f:
+            fig.savefig(f, format=fmt, **kwargs)
         paths[f"{stem.name}_{fmt}"] = path
     return paths

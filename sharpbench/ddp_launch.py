@@ -1,8 +1,8 @@
 """DDP jobs inside a Hydra sweep: start the extra ranks for *this* job, and clean up after it.
 
 Lightning's subprocess launcher (``strategy=ddp``) starts ranks 1..N-1 by re-running the
-command line, ``sys.argv`` plus ``hydra.run.dir=<run.dir>`` (``_hydra_subprocess_cmd`` in
-``lightning/fabric/strategies/launchers/subprocess_script.py``). In a multirun that goes wrong:
+command line, ``sys.argv`` plus ``hydra.run.dir=<run.dir>`` (a private builder of Lightning's,
+replaced through ``sharpbench.compat``). In a multirun that goes wrong:
 
 - ``sys.argv`` holds ``-m`` and the sweep lists, so every child runs the *whole sweep* again, as
   rank 1, and pairs with the parent's job only if both happen to walk the jobs in the same
@@ -26,9 +26,9 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from . import compat
+
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-LAUNCHER_MODULES = ("lightning.fabric.strategies.launchers.subprocess_script",
-                    "lightning.pytorch.strategies.launchers.subprocess_script")
 ENTRY_MODULE = "sharpbench.train"
 
 
@@ -56,12 +56,11 @@ def job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
 def sweep_job_scope() -> Iterator[None]:
     """Run one (possibly DDP) job of a sweep so that it cannot disturb the next one."""
     saved = {k: os.environ.get(k) for k in DDP_ENV}
-    patched = patch_launchers() if in_multirun() else {}
+    patched = compat.replace_child_command(job_subprocess_cmd) if in_multirun() else {}
     try:
         yield
     finally:
-        for module, original in patched.items():
-            module._hydra_subprocess_cmd = original
+        compat.restore_child_command(patched)
         destroy_process_group()
         for key, value in saved.items():
             if value is None:
@@ -74,17 +73,6 @@ def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def patch_launchers() -> dict:
-    """Point both Lightning launcher modules (each imported the builder by name) at ours."""
-    import importlib
-    patched = {}
-    for name in LAUNCHER_MODULES:
-        module = importlib.import_module(name)
-        patched[module] = module._hydra_subprocess_cmd
-        module._hydra_subprocess_cmd = job_subprocess_cmd
-    return patched
 
 
 def destroy_process_group() -> None:

@@ -21,7 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks
-from .record import atomic_write_text
+from .console import quiet_libraries
+from .data import CIFARDataModule
+from .module import SharpnessModule
+from .run_logging import EvalProgressBar
+from .fileio import atomic_write_text
 
 log = logging.getLogger("sharpbench")
 
@@ -72,7 +76,6 @@ def run_config(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def build_data(config: dict[str, Any], data_root: str | None, eval_batch_size: int | None):
-    from .data import CIFARDataModule
     dataset = dict(config["dataset"])
     if data_root is not None:
         dataset["root"] = data_root
@@ -91,7 +94,6 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
     """Evaluate a checkpoint on the run's test set (and validation split); write and return eval.json."""
     import lightning as L
 
-    from .module import SharpnessModule
 
     file, run_dir = locate(ckpt)
     checkpoint = load_checkpoint(file)
@@ -101,7 +103,6 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
     config = run_config(checkpoint, run_dir)
     data = build_data(config, data_root, eval_batch_size)
     module = SharpnessModule.load_from_checkpoint(file, map_location="cpu", weights_only=False)
-    from .run_logging import EvalProgressBar
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_bar,
                         callbacks=[EvalProgressBar()] if progress_bar else [],  # "Test", not "Validation"
@@ -143,7 +144,6 @@ def one_line(result: dict[str, Any]) -> str:
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    from .console import quiet_libraries
     quiet_libraries()
     try:
         result = evaluate(cfg.ckpt, out=cfg.out, data_root=cfg.data_root,

@@ -13,39 +13,27 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .fileio import make_shareable
+from .data.sources import CIFAR_NUM_CLASSES
+from .fileio import atomic_torch_save
+from .models import build_model
 
 MODEL_FILE = "model.pt"
 
 
 def export_model(model: nn.Module, run_dir: str | os.PathLike) -> Path:
     """Write ``model.state_dict()`` (tensors on the CPU) to ``<run_dir>/model.pt``, atomically."""
-    path = Path(run_dir) / MODEL_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        make_shareable(fd)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_torch_save(state, Path(run_dir) / MODEL_FILE)
 
 
 def model_config_of_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``{"name", "num_classes", **kwargs}`` of a run's network, from its ``metrics.json``."""
-    from .data.sources import CIFAR_NUM_CLASSES
-
     record = json.loads((Path(run_dir) / "metrics.json").read_text())
     config = record.get("config") or {}
     model = dict(config.get("model") or {"name": record["model"]})
@@ -57,8 +45,6 @@ def model_config_of_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """The trained network of a completed run: architecture from its config, weights from model.pt."""
-    from .models import build_model
-
     net = build_model(**model_config_of_run(run_dir))
     net.load_state_dict(torch.load(Path(run_dir) / MODEL_FILE, map_location=map_location))
     return net

@@ -1,26 +1,6 @@
-"""A run's life in its folder, from process start to exit: one signal handler for all of it, a
-lock on the folder, start-up checks, and records that survive a full disk.
-
-Signals (SIGTERM and SIGUSR1: preemption, a SLURM time limit; SIGINT: Ctrl-C). One handler is
-installed when the process starts and kept until it exits; Lightning's own is not installed. The
-first signal decides the outcome; later ones are logged and ignored, so the record is always
-written. What it does depends on the phase:
-
-- ``startup`` (config checks, data decoding, model build) and ``test``: stop at once
-  (``Interrupted`` is raised where the program is);
-- ``fit``: stop at the next safe point: after the current training batch (its checkpoint saved),
-  or, on an epoch's last batch, after that epoch's evaluation and end-of-epoch checkpoint, so the
-  checkpoint never holds a half-finished epoch end;
-- ``finish`` (writing the record): note it and finish.
-
-The run then records ``status: preempted`` (SIGTERM, SIGUSR1) or ``interrupted`` (SIGINT),
-prints the command that resumes it, and exits with ``128 + signal`` (130 for Ctrl-C, 143 for
-SIGTERM, 138 for SIGUSR1).
-
-A record that cannot be written because the disk is full is written again after deleting a small
-file reserved for it at start-up (``.sharpbench_reserve``); if that fails too it goes to a
-fallback folder (``$SHARPBENCH_FALLBACK_DIR``, else the system's temporary folder) and its path
-is printed.
+"""A run's life in its folder: a lock on the folder, start-up checks, the record of a run stopped
+before training and the command that resumes a stopped run. The process's signal handler, which
+decides when a run stops, is ``sharpbench.signals`` (re-exported here).
 """
 from __future__ import annotations
 
@@ -31,32 +11,21 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .fileio import remove_stale_temporaries
+from .record import METRICS_FILE, config_hash, read_record, write_record
+from .run_identity import identity_hash
+from .signals import (LIFETIME, PREEMPT_SIGNAL_ENV, Interrupted, ProcessLifetime,  # noqa: F401
+                      exit_code_of_signal, handled_signals, status_of_signal)
+
 log = logging.getLogger("sharpbench")
 
-SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
-                            getattr(signal, "SIGINT", None)) if s is not None)
-RESERVE_FILE = ".sharpbench_reserve"
-RESERVE_BYTES = 256 * 1024
 LOCK_FILE = ".sharpbench.lock"
-METRICS_FILE = "metrics.json"
-
-
-class Interrupted(BaseException):
-    """Raised where the program is when a signal arrives outside training (start-up, test).
-
-    A ``BaseException``, so that no ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 class StartupError(RuntimeError):
@@ -67,138 +36,23 @@ class RunFolderBusy(StartupError):
     """Another process holds the run folder's lock."""
 
 
-def status_of_signal(signum: int) -> str:
-    return "interrupted" if signum == signal.SIGINT else "preempted"
-
-
-def exit_code_of_signal(signum: int) -> int:
-    return 128 + int(signum)
-
-
-# ----------------------------------------------------------------------------------- signals
-class ProcessLifetime:
-    """The process's one handler for SIGTERM, SIGUSR1 and SIGINT (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.phase = "startup"
-        self.signum: int | None = None
-        self.trainer = None
-        self._previous: dict[int, Any] = {}
-        self._installed = 0
-
-    # installation ---------------------------------------------------------------------------
-    def install(self, phase: str = "startup") -> "ProcessLifetime":
-        """Install the handler (nested calls share one installation; main thread only)."""
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        if self._installed == 0:
-            self.reset()
-            self.phase = phase
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
-        self._installed += 1
-        return self
-
-    def uninstall(self) -> None:
-        if self._installed == 0:
-            return
-        self._installed -= 1
-        if self._installed == 0:
-            for s, handler in self._previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-            self._previous = {}
-
-    def ignore_further(self) -> None:
-        """Ignore these signals from now on (the process is exiting with its record written).
-        Python restores default handlers while it shuts down, so a late signal would otherwise
-        kill it and replace the exit code."""
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                signal.signal(s, signal.SIG_IGN)
-
-    def reset(self) -> None:
-        self.phase, self.signum, self.trainer = "startup", None, None
-
-    def __enter__(self) -> "ProcessLifetime":
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-    @property
-    def installed(self) -> bool:
-        return self._installed > 0
-
-    # phases ---------------------------------------------------------------------------------
-    def enter(self, phase: str, trainer=None) -> None:
-        """Move to ``phase``; a signal that arrived just before takes effect now."""
-        self.phase = phase
-        if trainer is not None:
-            self.trainer = trainer
-        if self.signum is not None and phase in ("startup", "test"):
-            raise Interrupted(self.signum)
-
-    @contextmanager
-    def watching(self, trainer):
-        """Phase ``fit`` for ``trainer`` (signals stop it at a safe point), ``finish`` after."""
-        self.enter("fit", trainer)
-        try:
-            yield self
-        finally:
-            self.phase = "finish"
-
-    def stop_status(self) -> str:
-        return status_of_signal(self.signum) if self.signum is not None else "preempted"
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.phase == "early":  # before the run folder is known: nothing to record
-            print(f"[sharpbench] stopped by {name} before the run started; nothing was written",
-                  file=sys.stderr)
-            raise SystemExit(exit_code_of_signal(signum))
-        if self.signum is not None:
-            log.warning("received %s while already stopping (%s): finishing the record first",
-                        name, signal.Signals(self.signum).name)
-            return
-        self.signum = signum
-        if self.phase in ("startup", "test"):
-            log.warning("received %s: stopping (%s)", name, self.phase)
-            raise Interrupted(signum)
-        if self.phase == "fit":
-            log.warning("received %s: stopping after this batch with a checkpoint", name)
-        else:
-            log.warning("received %s while writing the record: finishing it first", name)
-
-
-LIFETIME = ProcessLifetime()
-
-
-def keep_lightning_off_signals(trainer) -> None:
-    """Lightning installs its own SIGTERM handler during ``fit`` and restores the previous one
-    afterwards; with ours covering the whole process that would open gaps, so it is skipped."""
-    connector = trainer._signal_connector
-    connector.register_signal_handlers = lambda: setattr(connector, "received_sigterm", False)
-    connector.teardown = lambda: None
-
-
 @contextmanager
 def claim_folder(run_dir: Path):
     """Hold ``run_dir`` for one run: the signal handler installed (phase ``startup``), the folder
-    locked, checked for writing, cleaned of interrupted saves, space reserved for the record.
-    DDP ranks other than 0 only install the handler: the folder is rank 0's."""
+    locked, checked for writing, cleaned of interrupted saves. DDP ranks other than 0 only install
+    the handler: the folder is rank 0's."""
     run_dir = Path(run_dir)
     LIFETIME.install()
-    LIFETIME.enter("startup")
+    LIFETIME.phase = "startup"
     lock = RunFolderLock(run_dir) if is_rank_zero() else None
     try:
         if lock is not None:
             lock.acquire()
             check_writable(run_dir, run_dir / "checkpoints")
             clean_stale_temporaries(run_dir)
-            reserve_space(run_dir)
         yield run_dir
     finally:
         if lock is not None:
-            release_reserve(run_dir)
             lock.release()
         LIFETIME.uninstall()
 
@@ -216,7 +70,6 @@ def complete_record(record: dict[str, Any], run_dir: Path, overrides: list[str])
 
 def record_early_stop(summary: dict[str, Any], settled, overrides: list[str], signum: int) -> dict[str, Any]:
     """The record of a run stopped by a signal before training began (nothing to checkpoint)."""
-    from .record import config_hash
     LIFETIME.phase = "finish"
     record = {**summary, "status": status_of_signal(signum), "config": settled.identity,
               "config_hash": config_hash(settled.identity), "overrides": overrides,
@@ -310,84 +163,19 @@ def check_writable(*folders: Path) -> None:
 
 
 def clean_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of saves interrupted by a kill (``.last.ckpt.*.tmp`` …); run
-    only while holding the folder's lock, so no live save is touched."""
+    """Delete the temporary files of writes interrupted by a kill (``.last.ckpt.*.tmp`` …) in the
+    run folder, ``checkpoints/`` and ``csv/``; run only while holding the folder's lock, so no
+    live write is touched."""
     removed = []
-    for folder in (run_dir, run_dir / "checkpoints"):
-        for tmp in folder.glob(".*.tmp"):
-            try:
-                size = tmp.stat().st_size
-                tmp.unlink()
-                removed.append(tmp)
-                log.info("removed %s (%.1f MB) left by an interrupted save", tmp, size / 2**20)
-            except OSError:
-                pass
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "csv"):
+        removed += remove_stale_temporaries(folder)
     return removed
-
-
-# ---------------------------------------------------------------------- records on a full disk
-def reserve_space(run_dir: Path, nbytes: int = RESERVE_BYTES) -> None:
-    """Hold ``nbytes`` of real blocks in the run folder, released to write a record when full."""
-    path = Path(run_dir) / RESERVE_FILE
-    try:
-        with open(path, "wb") as f:
-            f.write(b"\0" * nbytes)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        log.warning("could not reserve space for the run record in %s: %s", run_dir, err)
-
-
-def release_reserve(run_dir: Path) -> bool:
-    try:
-        os.unlink(Path(run_dir) / RESERVE_FILE)
-        return True
-    except OSError:
-        return False
-
-
-def fallback_dir() -> Path:
-    return Path(os.environ.get("SHARPBENCH_FALLBACK_DIR") or
-                Path(tempfile.gettempdir()) / "sharpbench-records")
-
-
-def write_record(run_dir: Path, record: dict[str, Any], name: str = METRICS_FILE) -> Path:
-    """Write ``record`` to ``<run dir>/<name>`` atomically; on a full disk free the reserve and
-    try again; failing that, write it to the fallback folder. Returns where it went."""
-    from .record import atomic_write_text
-    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    path = Path(run_dir) / name
-    try:
-        atomic_write_text(path, text)
-        return path
-    except OSError as first:
-        if release_reserve(run_dir):
-            try:
-                atomic_write_text(path, text)
-                log.warning("the disk is full: wrote %s using the space reserved for it", path)
-                return path
-            except OSError:
-                pass
-        fallback = fallback_dir() / f"{Path(run_dir).resolve().name}.{int(time.time())}.{name}"
-        atomic_write_text(fallback, text)
-        log.error("could not write %s (%s); the record is at %s", path, first, fallback)
-        print(f"[sharpbench] could not write {path} ({first.strerror or first}); record written "
-              f"to {fallback}", file=sys.stderr)
-        return fallback
-
-
-def read_record(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def failure_destination(run_dir: Path, status: str, ident_hash: str | None) -> str:
     """``metrics.json``, unless that would replace a completed record, or the record of another
     run's training (another config hash; preempted, interrupted, diverged): the failure then goes
     beside it, to ``metrics.<status>.json``. Earlier failures are replaced."""
-    from .run_identity import identity_hash
     previous = read_record(Path(run_dir) / METRICS_FILE)
     if previous is None or previous.get("status") in ("failed", "invalid_config"):
         return METRICS_FILE

@@ -26,6 +26,8 @@ from typing import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .compat import is_logging_step
+
 _SCALAR_READ = torch.ops.aten._local_scalar_dense.default
 _COPYING_READS = ("tolist", "numpy", "cpu")
 
@@ -124,7 +126,7 @@ class StepCounter:
         self.steps.append(self._active.__enter__())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer._logger_connector.should_update_logs:
+        if is_logging_step(trainer):
             self.logging_steps.add(len(self.steps) - 1)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

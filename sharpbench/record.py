@@ -1,18 +1,24 @@
-"""The run record: everything a run measured, written once to ``metrics.json`` (atomically).
+"""The run record: everything a run measured, in ``<run dir>/metrics.json``.
 
-Nothing else writes results. Training and evaluation are timed apart (``RunTimer``), CUDA-
-synchronised at epoch and evaluation boundaries and at logging steps only (never inside a training
-step); forward/backward passes are counted by the module's closure.
+This module is the only writer of run records: ``write_record`` writes a record atomically
+(fsynced; into a fallback folder when the run folder cannot take it), ``read_record`` /
+``read_metrics`` read one back. What goes into a completed, stopped or diverged run's record is
+assembled by ``build_record``; ``sharpbench.lifecycle`` decides where a failure's record goes
+(``failure_destination``) and adds the resume command. Training and evaluation are timed apart
+(``RunTimer``), CUDA-synchronised at epoch and evaluation boundaries and at logging steps only
+(never inside a training step); forward/backward passes are counted by the module's closure.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,43 +27,50 @@ from typing import Any
 import lightning as L
 import torch
 
-from .fileio import make_shareable
+from .compat import is_logging_step
+from .cost import cost_record
+from .fileio import atomic_write_text, json_text
+
+log = logging.getLogger("sharpbench")
 
 METRICS_FILE = "metrics.json"
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def fallback_dir() -> Path:
+    return Path(os.environ.get("SHARPBENCH_FALLBACK_DIR") or
+                Path(tempfile.gettempdir()) / "sharpbench-records")
+
+
+def write_record(run_dir: str | os.PathLike, record: dict[str, Any], name: str = METRICS_FILE) -> Path:
+    """Write ``record`` to ``<run dir>/<name>`` atomically; when that fails (a full disk, a folder
+    made read-only), to the fallback folder (``$SHARPBENCH_FALLBACK_DIR``, else the system's
+    temporary folder), saying where. Returns where it went."""
+    text = json_text(record)
+    path = Path(run_dir) / name
     try:
-        make_shareable(tmp)  # mkstemp makes it private (0600); results are shared
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write_text(path, text)
+        return path
+    except OSError as first:
+        fallback = fallback_dir() / f"{Path(run_dir).resolve().name}.{int(time.time())}.{name}"
+        atomic_write_text(fallback, text)
+        why = "the disk is full" if getattr(first, "errno", None) == 28 else (first.strerror or str(first))
+        log.error("could not write %s (%s); the record is at %s", path, why, fallback)
+        print(f"[sharpbench] could not write {path} ({why}); record written to {fallback}",
+              file=sys.stderr)
+        return fallback
 
 
-def write_metrics(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    path = Path(run_dir) / METRICS_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A record file's content; ``None`` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    """``<run dir>/metrics.json`` (see ``read_record``)."""
+    return read_record(Path(run_dir) / METRICS_FILE)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -73,6 +86,40 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def code_version() -> str:
+    """What code trains: the git commit of the checkout (``+dirty`` with uncommitted changes),
+    else the installed package's version."""
+    sha = git_sha()
+    if sha:
+        try:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5,
+                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            dirty = ""
+        return f"git:{sha}{'+dirty' if dirty else ''}"
+    try:
+        from importlib.metadata import version
+        return f"sharpbench {version('sharpbench')}"
+    except Exception:  # not installed either
+        return "unknown"
+
+
+def code_segments(previous: list[dict[str, Any]] | None, resume_step: int | None) -> list[dict[str, Any]]:
+    """The training segments of a run so far, this process's last: ``code_version`` and the
+    ``from_step`` each began at. A checkpoint written before segments were recorded counts as
+    one segment of unknown code."""
+    segments = [dict(s) for s in (previous or [])]
+    if resume_step and not segments:
+        segments = [{"code_version": None, "from_step": 0}]
+    return [*segments, {"code_version": code_version(), "from_step": int(resume_step or 0),
+                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+
+
+def continued_by_other_code(segments: list[dict[str, Any]]) -> bool:
+    return len({s.get("code_version") for s in segments}) > 1
 
 
 def hardware() -> dict[str, Any]:
@@ -137,7 +184,7 @@ class RunTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.images += int(batch[0].shape[0]) * trainer.world_size
-        if trainer.loggers and trainer._logger_connector.should_update_logs:
+        if trainer.loggers and is_logging_step(trainer):
             synchronize(pl_module.device)  # the logger reads the loss back at this step anyway
             pl_module.log("train/time_s", self.train_seconds(), on_step=True, on_epoch=False)
 
@@ -201,7 +248,6 @@ def steps_per_epoch(module) -> int | None:
 def step_cost(module, opt) -> dict[str, Any]:
     """Cost per step with each HVP at its FLOP price, and the eigen-solve record (sharpbench.cost);
     a failure to count is recorded, never fatal."""
-    from .cost import cost_record
     try:
         return cost_record(module, opt)
     except Exception as exc:  # the record must still be written
@@ -210,7 +256,8 @@ def step_cost(module, opt) -> dict[str, Any]:
 
 def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status: str,
                  overrides: list[str], config: dict, started_at: float,
-                 error: str | None = None) -> dict[str, Any]:
+                 error: str | None = None,
+                 segments: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Assemble metrics.json from what the run measured."""
     device = module.device
     steps = max(1, module.steps_done)
@@ -247,6 +294,8 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "precision": module.precision_name,
         "torch_version": torch.__version__,
         "git_sha": git_sha(),
+        "code_segments": segments or code_segments(None, None),
+        "continued_by_other_code": continued_by_other_code(segments or []),
         "hardware": hardware(),
         "overrides": overrides,
         "config": config,

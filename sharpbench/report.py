@@ -51,19 +51,28 @@ import pandas as pd
 import yaml
 
 from . import reference
+from .curves import DATASET_LABELS, write_curves
+from .fileio import atomic_write_text, remove_stale_temporaries
 from .optim import registry
-from .record import METRICS_FILE, atomic_write_text, read_metrics
+from .record import METRICS_FILE, read_metrics
+from .run_identity import defines_run
+from .sharpness.report_section import DASH, write_sharpness_outputs
 
 DATASET_ORDER = ("cifar10", "cifar100")
-DATASET_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "synthetic": "synthetic data"}
 SWEEPS_DIR = Path("outputs") / "sweeps"
 
 COMPLETED = "completed"
-DASH = "—"
 OTHER_RECIPE = "other recipe"
-# Config keys that say where data lives or how a run is shown, not what it computes.
-NOT_A_SETTING = ("seed", "dataset.root", "dataset.download", "dataset.format", "dataset.cache",
-                 "dataset.cache_dir", "dataset.decode_workers", "trainer.enable_progress_bar")
+STALE_TMP_AGE_S = 600  # a report's temporary file this old was left by a killed report
+
+
+def is_setting(key: str) -> bool:
+    """A flattened config key that tells runs of one method apart: anything that defines a run
+    (``run_identity.defines_run``: where the data lives or how a run is shown does not), except
+    the seed, over which a row averages."""
+    return key != "seed" and defines_run(key)
+
+
 # Setting labels: these keys first, then the rest alphabetically; shorter names for a few.
 SETTING_FIRST = ("optimizer.rho", "optimizer.lr")
 SHORT_NAMES = {"trainer.max_epochs": "epochs", "dataset.batch_size": "batch"}
@@ -220,7 +229,7 @@ def context_id(flat: dict[str, Any] | None) -> str:
     if flat is None:
         return ""
     keep = {k: v for k, v in flat.items()
-            if k not in NOT_A_SETTING and not k.startswith("optimizer.")}
+            if is_setting(k) and not k.startswith("optimizer.")}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -228,7 +237,7 @@ def setting_labels(records: list[dict[str, Any]]) -> list[str]:
     """Per run, ``name=value`` for each config key that varies among the runs of its
     (dataset, method), e.g. ``rho=0.1, lr=0.05``; keys a run does not have are left out of its
     label (never ``gamma=unset``); "" when nothing varies or the run has no resolved config."""
-    flats = [({k: v for k, v in flatten(r["config"]).items() if k not in NOT_A_SETTING}
+    flats = [({k: v for k, v in flatten(r["config"]).items() if is_setting(k)}
               if isinstance(r.get("config"), dict) else None) for r in records]
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
@@ -561,6 +570,7 @@ def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True, name: str | 
                   first_epochs: tuple[int, ...] = ()) -> dict[str, Path]:
     """runs.csv, <name>.csv/.md/.tex and (``curves``) the figures; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, min_age_s=STALE_TMP_AGE_S)  # of a report killed while writing
     name = name or report_name(out)
     table = table1(df)
     display = display_table(table)
@@ -573,14 +583,13 @@ def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True, name: str | 
     for key, (filename, text) in texts.items():
         atomic_write_text(out / filename, text)
         paths[key] = out / filename
+    runs = counted_runs(df) if not df.empty else df
     if curves:
-        from .curves import write_curves
-        runs = counted_runs(df)
         records = {d: read_metrics(d) or {} for d in runs["run_dir"]}
         paths.update(write_curves(runs, out, lambda r: method_label(r.method, r.setting),
                                   records, first_epochs))
-    from .sharpness.report_section import write_sharpness_outputs  # λ_max, trace, m-sharpness, landscapes
-    paths.update(write_sharpness_outputs(df, out, figures=curves))
+    # λ_max, trace, m-sharpness, landscapes
+    paths.update(write_sharpness_outputs(runs, out, method_label, figures=curves))
     return paths
 
 

@@ -2,23 +2,21 @@
 folder's checkpoint or record belongs to the config about to use it.
 
 The identity is the resolved config without the keys that say where or how a run is written
-(data location and format, loggers, progress bar, checkpoint cadence, sweep plumbing). Its hash
-(``config_hash``) names the run in ``metrics.json`` and is stored, with the identity itself, in
-every checkpoint, so a resume can say exactly which keys differ.
+(``NOT_RUN_DEFINING``: data location and format, loggers, progress bar, checkpoint cadence,
+sweep plumbing). That one list also decides which keys the report leaves out of a row's setting
+(``defines_run``) and, checked by a test, which overrides ``conf/train.yaml`` leaves out of sweep
+job folder names (``override_dirname_exclusions``). The identity's hash (``config_hash``) names
+the run in ``metrics.json`` and is stored, with the identity itself, in every checkpoint, so a
+resume can say exactly which keys differ.
 
-``on_config_change`` decides what a run does with a folder holding another identity:
-
-- ``refuse`` (default): stop before anything is written, naming the keys that differ;
-- ``new_folder``: start this config fresh in ``<run dir>+<its hash>`` beside it;
-- ``extend``: continue that run for more epochs; allowed only when ``trainer.max_epochs`` grew
-  and nothing else changed. The learning-rate schedule is then the one of the new length,
-  evaluated from the step reached, and the record names the run it continues
-  (``continued_from``), so it is never averaged with runs trained for the new length from scratch.
+A folder whose checkpoint or completed record holds another identity is refused before anything
+is written, naming the keys that differ and the two ways out (another folder, or deleting that
+one). ``on_config_change`` is kept only so that ``on_config_change=refuse`` (its one behaviour)
+still works; its former values ``new_folder`` and ``extend`` are refused with that hint.
 """
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,36 +24,64 @@ from omegaconf import DictConfig, OmegaConf
 from .checks import ConfigError
 from .record import config_hash
 
-# Top-level keys that say where or how a run is written, not what it computes.
-NON_IDENTITY_KEYS = ("ckpt_path", "run_name", "sweep_name", "logger", "sweep", "hydra",
-                     "on_config_change", "monitor")
-# Keys inside groups that say where the data is or how it is read, or how the run is watched.
-NON_IDENTITY_PATHS = ("dataset.root", "dataset.download", "dataset.format", "dataset.cache",
-                      "dataset.cache_dir", "dataset.decode_workers", "trainer.enable_progress_bar",
-                      "trainer.checkpoint_every_n_steps")
-ON_CONFIG_CHANGE = ("refuse", "new_folder", "extend")
+# Config keys that say where or how a run is written or watched, not what it computes. A key
+# covers everything below it (``sweep`` covers ``sweep.gpu_pool``). The one list: the identity,
+# the report's settings and the sweep folder names are derived from it.
+NOT_RUN_DEFINING = ("ckpt_path", "run_name", "sweep_name", "on_config_change", "logger", "sweep",
+                    "monitor", "hydra",
+                    "dataset.root", "dataset.download", "dataset.format", "dataset.cache",
+                    "dataset.cache_dir", "dataset.decode_workers",
+                    "trainer.enable_progress_bar", "trainer.checkpoint_every_n_steps")
+# Left out of sweep job folder names besides NOT_RUN_DEFINING: a preset's own overrides name it.
+NOT_IN_FOLDER_NAMES = ("experiment",)
 CHECKPOINT_KEY = "sharpbench_identity"
+REMOVED_ON_CONFIG_CHANGE = ("new_folder", "extend")
 
 
 class IdentityMismatch(ConfigError):
     """A folder's checkpoint or completed record was made by another configuration."""
 
 
+def defines_run(key: str) -> bool:
+    """Whether the dotted config ``key`` is part of a run's identity."""
+    return not any(key == k or key.startswith(k + ".") for k in NOT_RUN_DEFINING)
+
+
+def override_dirname_exclusions(train_yaml: Mapping[str, Any]) -> list[str]:
+    """``hydra.job.config.override_dirname.exclude_keys`` of ``conf/train.yaml`` (Hydra matches
+    an override's key exactly): each key of NOT_RUN_DEFINING, and the keys below those that are
+    mappings in ``train_yaml``; ``hydra.*`` overrides never name a job's folder anyway."""
+    out = []
+    for key in NOT_RUN_DEFINING + NOT_IN_FOLDER_NAMES:
+        if key == "hydra":
+            continue
+        value = train_yaml.get(key)
+        if isinstance(value, Mapping):
+            out += [f"{key}.{child}" for child in value]
+        else:
+            out.append(key)
+    return out
+
+
+def _drop(tree: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        tree.pop(head, None)
+    elif isinstance(tree.get(head), dict):
+        _drop(tree[head], rest)
+
+
 def strip(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` without the where-not-what keys (works on identities of older versions too)."""
     plain = copy.deepcopy(dict(config))
-    for key in NON_IDENTITY_KEYS:
-        plain.pop(key, None)
-    for dotted in NON_IDENTITY_PATHS:
-        group, key = dotted.split(".")
-        if isinstance(plain.get(group), dict):
-            plain[group].pop(key, None)
+    for key in NOT_RUN_DEFINING:
+        _drop(plain, key)
     return plain
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The part of the resolved config that defines the run's results."""
-    keep = [k for k in cfg if k not in NON_IDENTITY_KEYS]
+    keep = [k for k in cfg if defines_run(str(k))]
     return strip(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True))
 
 
@@ -85,30 +111,25 @@ def describe(keys: list[str], old: Mapping[str, Any], new: Mapping[str, Any]) ->
     return "; ".join(shown) + more
 
 
-def is_extension(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Only ``trainer.max_epochs`` differs, and it grew."""
-    old, new = strip(old), strip(new)
-    new_base = {k: v for k, v in new.items() if k != "continued_from"}
-    old_base = {k: v for k, v in old.items() if k != "continued_from"}
-    if differing_keys(old_base, new_base) != ["trainer.max_epochs"]:
-        return False
-    return int(new["trainer"]["max_epochs"]) > int(old["trainer"]["max_epochs"])
+WAYS_OUT = ("To run this configuration, use another folder (hydra.run.dir=..., or "
+            "hydra.sweep.dir=... for a sweep; or another run_name), or delete that folder to "
+            "start over in it; to resume the original run, use its original settings.")
 
 
-def extended(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """The identity of ``old`` continued to ``new``'s epochs (its own hash, never a fresh run's)."""
-    origin = old.get("continued_from") or {"epochs": int(old["trainer"]["max_epochs"]),
-                                           "config_hash": identity_hash(old)}
-    return {**strip(new), "continued_from": origin}
-
-
-def new_folder(run_dir: Path, ident: Mapping[str, Any]) -> Path:
-    return run_dir.with_name(f"{run_dir.name}+{identity_hash(ident)[:8]}")
+def check_on_config_change(value: Any) -> None:
+    """``refuse`` is what always happens; the removed ``new_folder``/``extend`` name the ways out."""
+    value = "refuse" if value in (None, "") else str(value)
+    if value == "refuse":
+        return
+    if value in REMOVED_ON_CONFIG_CHANGE:
+        raise ConfigError(f"on_config_change={value} was removed: a folder holding another "
+                          f"configuration's run is always refused. {WAYS_OUT}")
+    raise ConfigError(f"on_config_change={value!r}: the only value is refuse. {WAYS_OUT}")
 
 
 def same_run(found: Mapping[str, Any], ident: Mapping[str, Any]) -> bool:
     """``found`` is this config's run: the same identity, or this config continuing an earlier run
-    (``on_config_change=extend``, re-run after a stop or to skip it once completed)."""
+    (``continued_from``, as written by the removed ``on_config_change=extend``)."""
     found_hash = identity_hash(found)
     return found_hash == identity_hash(ident) or (
         bool(found.get("continued_from"))
@@ -122,91 +143,14 @@ def as_found(found: Mapping[str, Any], ident: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
-def reconcile(ident: dict[str, Any], found: Mapping[str, Any], where: str, mode: str,
-              run_dir: Path) -> tuple[dict[str, Any], Path]:
-    """Decide what to do with a folder whose checkpoint or completed record (``where``) has the
-    identity ``found``: returns the identity to run under and the folder to run in, or raises
-    ``IdentityMismatch`` naming the keys that differ and the ways on."""
-    if mode not in ON_CONFIG_CHANGE:
-        raise ConfigError(f"on_config_change={mode!r}; choose one of {', '.join(ON_CONFIG_CHANGE)}")
-    if same_run(found, ident):
-        return as_found(found, ident), run_dir
-    if mode == "extend" and is_extension(found, ident):
-        return extended(found, ident), run_dir
-    if mode == "new_folder":
-        return ident, new_folder(run_dir, ident)
+def refuse(found: Mapping[str, Any], ident: Mapping[str, Any], where: str) -> IdentityMismatch:
+    """The refusal of a folder whose ``where`` (checkpoint, completed record) holds ``found``."""
     keys = differing_keys(strip(found), strip(ident))
-    hint = ("on_config_change=extend continues it for more epochs (the schedule becomes that of "
-            "the new length); " if keys == ["trainer.max_epochs"] else "")
-    raise IdentityMismatch(
-        f"{where} was made by a different configuration ({describe(keys, strip(found), strip(ident))}); "
-        f"resuming it would mix two runs. Its record and checkpoints were left as they are. To run this configuration fresh, use "
-        f"another folder (hydra.run.dir=..., or hydra.sweep.dir=... for a sweep) or "
-        f"on_config_change=new_folder (runs in {new_folder(run_dir, ident).name}); {hint}"
-        f"to resume the original run, use the original settings.")
+    return IdentityMismatch(
+        f"{where} was made by a different configuration "
+        f"({describe(keys, strip(found), strip(ident))}); resuming it would mix two runs. Its "
+        f"record and checkpoints were left as they are. {WAYS_OUT}")
 
 
 def stored_identity(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
     return checkpoint.get(CHECKPOINT_KEY)
-
-
-class Settled:
-    """What ``settle`` decided: run ``identity`` in ``run_dir`` from ``ckpt_path`` (or from
-    scratch), or return ``skip`` (the completed record of this very run)."""
-
-    def __init__(self, identity: dict[str, Any], run_dir: Path, ckpt_path: str | None = None,
-                 checkpoint: dict | None = None, skip: dict | None = None):
-        self.identity, self.run_dir, self.skip = identity, run_dir, skip
-        self.ckpt_path, self.checkpoint = ckpt_path, checkpoint
-
-    @property
-    def resume_step(self) -> int | None:
-        return int(self.checkpoint.get("global_step", 0)) if self.checkpoint is not None else None
-
-    def checkpoint_io(self):
-        """The run's checkpoint IO, holding the checkpoint read here (Lightning reuses it)."""
-        from .runtime import AtomicCheckpointIO
-        io = AtomicCheckpointIO()
-        if self.checkpoint is not None:
-            io.preloaded = (self.ckpt_path, self.checkpoint)
-        return io
-
-
-def settle(cfg: DictConfig, run_dir: Path) -> Settled:
-    """Check the folder's completed record and checkpoint against ``cfg`` (see the module
-    docstring); the checkpoint is read once here, its step and identity checked before training."""
-    from .lifecycle import read_record
-    from .runtime import resolve_ckpt_path
-    ident = identity(cfg)
-    mode = str(cfg.get("on_config_change") or "refuse")
-    run_dir = Path(run_dir)
-    for _ in range(2):  # a second pass when a mismatch moved the run to a new folder
-        previous = read_record(run_dir / "metrics.json")
-        if previous and previous.get("status") == "completed":
-            found = previous.get("config") if isinstance(previous.get("config"), dict) else {}
-            if same_run(found, ident):
-                return Settled(as_found(found, ident), run_dir, skip=previous)
-            ident, moved = reconcile(ident, found, f"{run_dir}/metrics.json (completed)", mode, run_dir)
-            if moved != run_dir:
-                run_dir = moved
-                continue
-            if cfg.get("ckpt_path") in (None, "", "null", "none"):
-                raise ConfigError("on_config_change=extend continues the run from its checkpoint: "
-                                  "add ckpt_path=last")
-        ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-        if checkpoint is None:
-            return Settled(ident, run_dir)
-        found = stored_identity(checkpoint)
-        if found is None:
-            import logging
-            logging.getLogger("sharpbench").warning(
-                "%s has no stored run identity (written by an older sharpbench): its config "
-                "cannot be checked against this one", ckpt_path)
-            return Settled(ident, run_dir, ckpt_path, checkpoint)
-        if same_run(found, ident):
-            return Settled(as_found(found, ident), run_dir, ckpt_path, checkpoint)
-        ident, moved = reconcile(ident, found, f"checkpoint {ckpt_path}", mode, run_dir)
-        if moved == run_dir:
-            return Settled(ident, run_dir, ckpt_path, checkpoint)
-        run_dir = moved
-    return Settled(ident, run_dir)

@@ -1,10 +1,13 @@
-"""Run plumbing: atomic checkpoints, loggers, checkpoint paths and the precision choice."""
+"""Run plumbing: what a run does with its folder (``settle``), atomic checkpoints, loggers,
+checkpoint paths and the precision choice."""
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import logging
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,18 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf
 
+from . import compat
 from .checks import ConfigError
+from .data.sources import CIFAR_NUM_CLASSES
+from .fileio import atomic_file, atomic_torch_save
 from .lifecycle import LIFETIME, ProcessLifetime, StartupError
+from .models import build_model
 from .module import DivergenceError
-from .fileio import make_shareable
+from .record import METRICS_FILE, code_segments, continued_by_other_code, read_record
+from .run_identity import (CHECKPOINT_KEY, WAYS_OUT, IdentityMismatch, as_found,
+                           check_on_config_change, identity, refuse, same_run, stored_identity)
 
 log = logging.getLogger("sharpbench")
 
@@ -27,6 +37,20 @@ LOGGERS = ("csv", "wandb", "tensorboard", "none")
 
 class NonFiniteCheckpoint(DivergenceError):
     """A checkpoint about to be written holds inf/NaN weights or optimizer state."""
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space (``errno`` ENOSPC); the previous one
+    is intact."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """``OSError`` ENOSPC, or what ``torch.save`` raises when its zip writer hits a full disk
+    (``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("unexpected pos" in text or "No space left" in text)
 
 
 class CheckpointUnreadable(StartupError):
@@ -62,20 +86,6 @@ def non_finite_tensors(checkpoint: dict[str, Any]) -> list[str]:
     return [name for (name, _), good in zip(named, ok) if not good]
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a power loss after it keeps the new name)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def previous_path(path: Path) -> Path:
     """``last.ckpt`` -> ``last.prev.ckpt``: the checkpoint before the current one."""
     return path.with_name(f"{path.stem}.prev{path.suffix}")
@@ -103,21 +113,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{checkpoint.get('global_step')} (e.g. {', '.join(bad[:3])}); the checkpoint was "
                 f"not written, {path.name} keeps the last finite state. Lower optimizer.lr or rho, "
                 "or enable trainer.gradient_clip_val")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            make_shareable(fd)  # mkstemp's 0600 -> 0666 & ~umask, like open()
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if path.exists():
-                os.replace(path, previous_path(path))
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            atomic_torch_save(checkpoint, path, fsync=True, previous=previous_path(path))
+        except (OSError, RuntimeError) as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskFull(errno.ENOSPC,
+                           f"disk full while writing the checkpoint of step "
+                           f"{checkpoint.get('global_step')} ({err}); {path.name} keeps the last "
+                           "one written. Free space (or move the run folder), then resume with "
+                           "ckpt_path=last", str(path)) from err
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         if self.preloaded is not None and self.preloaded[0] == str(path):
@@ -174,18 +179,21 @@ class LastCheckpoint(Checkpoint):
     (training loss, accuracy, epoch time), not the previous epoch's."""
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None,
-                 identity: dict[str, Any] | None = None):
+                 identity: dict[str, Any] | None = None,
+                 segments: list[dict[str, Any]] | None = None):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps = every_n_steps
         self.identity = identity
+        self.segments = segments
 
     def save(self, trainer) -> None:
         trainer.save_checkpoint(self.path)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.identity is not None:
-            from .run_identity import CHECKPOINT_KEY
             checkpoint[CHECKPOINT_KEY] = self.identity
+        if self.segments is not None:
+            checkpoint[SEGMENTS_KEY] = self.segments
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (self.every_n_steps and trainer.global_step % self.every_n_steps == 0
@@ -202,50 +210,72 @@ class LastCheckpoint(Checkpoint):
 
 
 class StopAtSafePoint(Callback):
-    """Lightning callback: turn a pending signal into Lightning's orderly stop at a point where
-    the checkpoint Lightning then saves (``LastCheckpoint.on_exception``) is consistent."""
+    """Lightning callback: keep the process's signal handler ours during ``fit`` and ``test``
+    (Lightning installs its own SIGTERM handler when either starts, and would stop mid-evaluation),
+    and turn a pending signal into Lightning's orderly stop at a point where the checkpoint
+    Lightning then saves (``LastCheckpoint.on_exception``) is consistent."""
 
     def __init__(self, lifetime: ProcessLifetime | None = None):
         self.lifetime = lifetime or LIFETIME
 
-    def _stop(self, trainer) -> None:
-        trainer._signal_connector.received_sigterm = True
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.lifetime.reassert()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.lifetime.reassert()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Not on an epoch's last batch: a checkpoint there resumes past the epoch's evaluation
         # and end-of-epoch hooks (Lightning treats the epoch as finished). Stop at epoch end then.
         if self.lifetime.signum is not None and batch_idx + 1 < trainer.num_training_batches:
-            self._stop(trainer)
+            compat.request_graceful_stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.lifetime.signum is not None:
-            self._stop(trainer)
+            compat.request_graceful_stop(trainer)
 
 
-class _ResumableWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run must keep the rows it
-    logged before its checkpoint (and drop the ones after it, which the resumed run logs again)."""
+KEPT_ASIDE = ".before-resume"  # metrics.csv's rows while the resumed writer starts
 
-    def __init__(self, log_dir: str, resume_step: int | None) -> None:
-        self.resume_step = resume_step
-        super().__init__(log_dir)
 
-    def _check_log_dir_exists(self) -> None:
-        path = Path(self.metrics_file_path)
-        if self.resume_step is None or not path.is_file():
-            return super()._check_log_dir_exists()
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            keys = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("step") not in (None, "")
-                    and int(float(r["step"])) < self.resume_step]
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-        self.metrics_keys = keys
+def kept_rows(path: Path, resume_step: int) -> tuple[list[str], list[dict]] | None:
+    """The header and the rows of a CSV log logged before ``resume_step`` (``None``: no log)."""
+    aside = path.with_name(path.name + KEPT_ASIDE)
+    source = path if path.is_file() else aside if aside.is_file() else None
+    if source is None:
+        return None
+    with open(source, newline="") as f:
+        reader = csv.DictReader(f)
+        keys = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step") not in (None, "")
+                and int(float(r["step"])) < resume_step]
+    return keys, rows
+
+
+def resumed_writer(log_dir: str, resume_step: int | None) -> ExperimentWriter:
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run keeps the rows it
+    logged before its checkpoint (and drops the ones after it, which the resumed run logs again).
+    The file is hard-linked aside while the writer starts, so a kill then loses no row."""
+    path = Path(log_dir) / ExperimentWriter.NAME_METRICS_FILE
+    kept = kept_rows(path, resume_step) if resume_step is not None else None
+    if kept is None:
+        return ExperimentWriter(log_dir)
+    aside = path.with_name(path.name + KEPT_ASIDE)
+    if path.is_file() and not aside.exists():
+        os.link(path, aside)
+    with warnings.catch_warnings():  # "exists and is not empty": it is meant to
+        warnings.simplefilter("ignore")
+        writer = ExperimentWriter(log_dir)
+    keys, rows = kept
+    buffer = io.StringIO()
+    table = csv.DictWriter(buffer, fieldnames=keys)
+    table.writeheader()
+    table.writerows(rows)
+    with atomic_file(path, "w", newline="") as f:
+        f.write(buffer.getvalue())
+    aside.unlink(missing_ok=True)
+    writer.metrics_keys = keys
+    return writer
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -258,7 +288,7 @@ class ResumableCSVLogger(CSVLogger):
     @property
     def experiment(self):
         if self._experiment is None:
-            self._experiment = _ResumableWriter(self.log_dir, self.resume_step)
+            self._experiment = resumed_writer(self.log_dir, self.resume_step)
         return self._experiment
 
 
@@ -317,3 +347,119 @@ def resolve_precision(value: str) -> str:
             return "bf16-mixed"
         return "32"
     return value
+
+
+# ------------------------------------------------------------------- what to do with the folder
+SEGMENTS_KEY = "sharpbench_code_segments"  # record.code_segments of the run so far
+
+
+class Settled:
+    """What ``settle`` decided: run ``identity`` in ``run_dir`` from ``ckpt_path`` (or from
+    scratch), or return ``skip`` (the completed record of this very run)."""
+
+    def __init__(self, identity: dict[str, Any], run_dir: Path, ckpt_path: str | None = None,
+                 checkpoint: dict | None = None, skip: dict | None = None):
+        self.identity, self.run_dir, self.skip = identity, run_dir, skip
+        self.ckpt_path, self.checkpoint = ckpt_path, checkpoint
+
+    @property
+    def resume_step(self) -> int | None:
+        return int(self.checkpoint.get("global_step", 0)) if self.checkpoint is not None else None
+
+    def code_segments(self) -> list[dict[str, Any]]:
+        """The run's training segments, this process's included (``record.code_segments``);
+        says so when the run continues with code other than what trained it so far."""
+        previous = self.checkpoint.get(SEGMENTS_KEY) if self.checkpoint is not None else None
+        segments = code_segments(previous, self.resume_step)
+        if continued_by_other_code(segments):
+            before = sorted({str(s.get("code_version") or "an unrecorded version") for s in segments[:-1]})
+            log.warning("this run was trained up to step %s by %s and continues with %s: its "
+                        "record says so (code_segments, continued_by_other_code)",
+                        self.resume_step, ", ".join(before), segments[-1]["code_version"])
+        return segments
+
+    def checkpoint_io(self) -> AtomicCheckpointIO:
+        """The run's checkpoint IO, holding the checkpoint read here (Lightning reuses it)."""
+        io_ = AtomicCheckpointIO()
+        if self.checkpoint is not None:
+            io_.preloaded = (self.ckpt_path, self.checkpoint)
+        return io_
+
+
+def settle(cfg, run_dir: Path) -> Settled:
+    """Check the folder's completed record and checkpoint against ``cfg``: the same run is
+    skipped (completed) or resumed; another configuration's is refused naming the keys that
+    differ (``run_identity``). The checkpoint is read once here, its step and identity checked
+    before training."""
+    check_on_config_change(cfg.get("on_config_change"))
+    ident = identity(cfg)
+    run_dir = Path(run_dir)
+    previous = read_record(run_dir / METRICS_FILE)
+    if previous and previous.get("status") == "completed":
+        found = previous.get("config") if isinstance(previous.get("config"), dict) else {}
+        if same_run(found, ident):
+            return Settled(as_found(found, ident), run_dir, skip=previous)
+        raise refuse(found, ident, f"{run_dir}/{METRICS_FILE} (completed)")
+    ckpt_path, checkpoint = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if checkpoint is None:
+        return Settled(ident, run_dir)
+    found = stored_identity(checkpoint)
+    if found is None:
+        check_unidentified(cfg, checkpoint, ckpt_path)
+        log.warning("%s has no stored run identity (written by an older sharpbench): only its "
+                    "architecture, parameter shapes and optimizer could be checked against this "
+                    "config", ckpt_path)
+        return Settled(ident, run_dir, ckpt_path, checkpoint)
+    if same_run(found, ident):
+        return Settled(as_found(found, ident), run_dir, ckpt_path, checkpoint)
+    raise refuse(found, ident, f"checkpoint {ckpt_path}")
+
+
+def check_unidentified(cfg, checkpoint: dict[str, Any], ckpt_path: str | None) -> None:
+    """A checkpoint without a stored identity (older versions): check what can be checked, the
+    architecture, the parameter names and shapes, and the optimizer, and refuse one that does not
+    fit this config with a message (instead of ``size mismatch`` or ``KeyError`` in Lightning)."""
+    problems = []
+    hp = checkpoint.get("hyper_parameters") or {}
+    model_name, old_model = str(cfg.model.name), (hp.get("model_cfg") or {}).get("name")
+    if old_model and old_model != model_name:
+        problems.append(f"model {old_model!r} (this config: {model_name!r})")
+    opt_name, old_opt = str(cfg.optimizer.name), (hp.get("optimizer_cfg") or {}).get("name")
+    if old_opt and old_opt != opt_name:
+        problems.append(f"optimizer {old_opt!r} (this config: {opt_name!r})")
+    states = checkpoint.get("optimizer_states") or []
+    if not old_opt and states and isinstance(states[0], dict):
+        wraps = "base_optimizer" in states[0]
+        if wraps != (cfg.optimizer.get("base") is not None):
+            problems.append("a sharpness-aware optimizer's state" if wraps else
+                            "a one-pass optimizer's state (no base_optimizer)")
+    if not problems:
+        problems += parameter_differences(cfg, checkpoint.get("state_dict") or {})
+    if problems:
+        raise IdentityMismatch(
+            f"checkpoint {ckpt_path} has no stored run identity (written by an older sharpbench) "
+            f"and does not fit this configuration: it holds {'; '.join(problems[:6])}"
+            f"{' …' if len(problems) > 6 else ''}. Resume it with the settings it was trained "
+            f"with. {WAYS_OUT}")
+
+
+def parameter_differences(cfg, state_dict: dict[str, Any]) -> list[str]:
+    """The network's parameters that the checkpoint lacks, has extra or holds in another shape."""
+    num_classes = (CIFAR_NUM_CLASSES.get(str(cfg.dataset.name))
+                   or int(cfg.dataset.get("num_classes") or 10))
+    try:
+        model = build_model(**{**OmegaConf.to_container(cfg.model, resolve=True),
+                               "num_classes": num_classes})
+    except Exception:  # the config check reports a bad model config
+        return []
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k[len("model."):]: tuple(v.shape) for k, v in state_dict.items()
+            if k.startswith("model.") and hasattr(v, "shape")}
+    out = [f"{k} of shape {list(have[k])} (this config: {list(want[k])})"
+           for k in sorted(want.keys() & have.keys()) if want[k] != have[k]]
+    missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+    if missing:
+        out.append(f"no {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+    if extra:
+        out.append(f"extra {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+    return out

@@ -21,6 +21,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .report import collect_runs, failed_runs, method_label, write_outputs
+
 log = logging.getLogger("sharpbench.sweep")
 
 
@@ -35,7 +37,6 @@ class ReportOnMultirunEnd(Callback):
         self.first_epochs = tuple(int(e) for e in (first_epochs or ()))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .report import collect_runs, failed_runs, method_label, write_outputs
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         try:
             runs = collect_runs([sweep_dir])

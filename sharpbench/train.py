@@ -4,8 +4,9 @@ compose (Hydra) → check → build data, model, module, trainer → fit → tes
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # one signal handler for the whole process, from before the imports
-    from sharpbench.lifecycle import LIFETIME as _LIFETIME
+if __name__ == "__main__":  # one signal handler for the whole process, from before the imports;
+    # a signal now is only noted, and ends the process at main()'s first line (sharpbench.lifecycle)
+    from sharpbench.signals import LIFETIME as _LIFETIME
     _LIFETIME.install(phase="early")
 
 import logging
@@ -23,18 +24,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks, console, lifecycle, preflight
-from .data import CIFARDataModule
+from .data import CIFARDataModule, class_groups
 from .ddp_launch import sweep_job_scope
 from .export import export_model
 from .gpu_pool import pin_gpu_for_this_process
 from .models import build_model
 from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
-from .record import RunTimer, build_record, config_hash
-from . import hydra_record
-from .run_identity import IdentityMismatch, identity, settle
+from .record import RunTimer, build_record, config_hash, write_record
+from .run_identity import identity
 from .run_logging import abort_loggers, finish_loggers, log_hyperparameters
-from .runtime import AtomicCheckpointIO, LastCheckpoint, StopAtSafePoint, build_loggers, resolve_precision
+from .runtime import (AtomicCheckpointIO, DiskFull, LastCheckpoint, StopAtSafePoint, build_loggers,
+                      resolve_precision, settle)
 from .sharpness.monitor import build_monitor
 from .sweep_dirs import register_resolver
 
@@ -52,10 +53,11 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
 
 def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
                   resume_step: int | None = None, ident: dict[str, Any] | None = None,
-                  checkpoint_io: AtomicCheckpointIO | None = None) -> L.Trainer:
+                  checkpoint_io: AtomicCheckpointIO | None = None,
+                  segments: list[dict[str, Any]] | None = None) -> L.Trainer:
     t = cfg.trainer
     last = LastCheckpoint(run_dir / "checkpoints", t.get("checkpoint_every_n_steps") or None,
-                          identity=ident)
+                          identity=ident, segments=segments)
     bar = [console.progress_bar()] if t.get("enable_progress_bar", True) else []
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
@@ -73,7 +75,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         logger=build_loggers(cfg.logger, run_dir, resume_step),
         callbacks=[timer, last, StopAtSafePoint(), *bar, *build_monitor(cfg, run_dir)], enable_checkpointing=True,
         plugins=[checkpoint_io or AtomicCheckpointIO()])
-    lifecycle.keep_lightning_off_signals(trainer)
     return trainer
 
 
@@ -81,33 +82,24 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """Run (or resume, or skip) one training run in ``run_dir``; returns its metrics record.
 
     The folder's completed record and checkpoint are first checked against ``cfg``
-    (``sharpbench.run_identity.settle``); the folder is then claimed for the run (lock, write
-    check, cleanup of interrupted saves, signal handler: ``sharpbench.lifecycle``)."""
+    (``sharpbench.runtime.settle``); the folder is then claimed for the run (lock, write check,
+    cleanup of interrupted saves, signal handler: ``sharpbench.lifecycle``). A signal before
+    training stops the run at the next ``LIFETIME.stop_here()``."""
     started = time.time()
     overrides = list(overrides or [])
     checks.check_config(cfg)  # every key against the schema, before anything else reads it
-    try:
-        settled = settle(cfg, Path(run_dir))
-    except IdentityMismatch:
-        hydra_record.restore(Path(run_dir))  # the folder's .hydra/ describes its own run again
-        raise
+    settled = settle(cfg, Path(run_dir))
     if settled.skip is not None:
-        hydra_record.restore(settled.run_dir, warn=False)
         log.info("skipping %s: already completed (metrics.json, same config)", settled.run_dir)
         return settled.skip
+    LIFETIME.stop_here()  # before the folder is claimed: main() records the stop
 
-    try:
-        with lifecycle.claim_folder(settled.run_dir):
-            if settled.run_dir != Path(run_dir):  # on_config_change=new_folder
-                hydra_record.move(Path(run_dir), settled.run_dir)
-            hydra_record.accept(settled.run_dir)
-            try:
-                return _train(cfg, settled, overrides, started)
-            except lifecycle.Interrupted as stop:  # before training began (data, model): no checkpoint
-                return lifecycle.record_early_stop(summary(cfg), settled, overrides, stop.signum)
-    except lifecycle.RunFolderBusy:  # the folder is another process's: its record is put back
-        hydra_record.restore(settled.run_dir)
-        raise
+    with lifecycle.claim_folder(settled.run_dir):
+        try:
+            LIFETIME.stop_here()  # the folder is claimed: the stop is recorded with its resume command
+            return _train(cfg, settled, overrides, started)
+        except lifecycle.Interrupted as stop:  # before training began (data, model): no checkpoint
+            return lifecycle.record_early_stop(summary(cfg), settled, overrides, stop.signum)
 
 
 def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> dict[str, Any]:
@@ -121,11 +113,13 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     data.prepare_data()
     data.setup("fit")
     checks.check_data(cfg, data)
+    LIFETIME.stop_here()
 
     model_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "num_classes": data.num_classes}
     model = build_model(**model_cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    LIFETIME.stop_here()
     module = SharpnessModule(
         model, OmegaConf.to_container(cfg.optimizer, resolve=True),
         OmegaConf.to_container(cfg.schedule, resolve=True),
@@ -140,10 +134,13 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         console.announce_start(cfg, data, model, run_dir, on_gpu=cuda, precision=precision)
     timer = RunTimer()
-    trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io())
+    segments = settled.code_segments()  # which code trained which steps
+    trainer = build_trainer(cfg, run_dir, timer, settled.resume_step, ident, settled.checkpoint_io(),
+                            segments)
     log_hyperparameters(trainer.loggers, ident)
+    LIFETIME.stop_here()  # the last safe point before training
     status, error = "completed", None
-    with LIFETIME.watching(trainer):  # signals: see sharpbench.lifecycle
+    with LIFETIME.watching():  # signals: see sharpbench.lifecycle
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
             LIFETIME.enter("test")  # a signal that came during or after fit stops the run here
@@ -162,13 +159,13 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         status = "interrupted"
     record = build_record(cfg_summary=summary(cfg), module=module, timer=timer, trainer=trainer,
                           status=status, overrides=overrides, config=ident, started_at=started,
-                          error=error)
+                          error=error, segments=segments)
     record.update(group_accuracy(module, data))
     lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:
         if status == "completed":
             export_model(module.model, run_dir)  # model.pt: bare weights for build_model(...)
-        lifecycle.write_record(run_dir, record)
+        write_record(run_dir, record)
         log.info("%s", one_line_summary(record, run_dir))  # console and train.log
     finish_loggers(trainer.loggers, record, ident)
     return record
@@ -179,7 +176,6 @@ def group_accuracy(module: SharpnessModule, data) -> dict[str, Any]:
     res = module.eval_results.get("test")
     if not res or not getattr(data, "imbalanced", False):
         return {}
-    from .data import class_groups
     out = {}
     counts = torch.tensor(res["count"])
     per_class = torch.tensor(res["per_class_acc"])
@@ -216,7 +212,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    LIFETIME.install().enter("startup")  # kept until the process exits
+    LIFETIME.install()  # kept until the process exits
+    LIFETIME.exit_if_stopped_early()  # a signal during the start-up imports: exit, nothing claimed
+    LIFETIME.phase = "startup"
     console.quiet_libraries()  # Lightning's banners and library warnings: train.log only
     run_dir = run_dir_of_hydra()
     sweep = cfg.get("sweep") or {}
@@ -224,11 +222,11 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         pin_gpu_for_this_process(sweep.get("gpu_pool"), HydraConfig.get().sweep.dir,
                                  sweep.get("jobs_per_gpu", 1))
     try:
+        LIFETIME.stop_here()
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
             record = train(cfg, run_dir, task_overrides())
         if LIFETIME.signum is not None:  # the process was told to stop: so does a sweep
-            LIFETIME.ignore_further()  # the record is written: nothing may change the exit code
-            sys.exit(lifecycle.exit_code_of_signal(LIFETIME.signum))
+            exit_after_signal(LIFETIME.signum)
         if record.get("status") == "diverged" and not multirun:
             sys.exit(1)
         objective = sweep.get("objective")
@@ -236,8 +234,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     except lifecycle.Interrupted as stop:  # a signal before training began
         LIFETIME.enter("finish")
         write_failure(cfg, run_dir, lifecycle.status_of_signal(stop.signum), str(stop))
-        LIFETIME.ignore_further()
-        sys.exit(lifecycle.exit_code_of_signal(stop.signum))
+        exit_after_signal(stop.signum)
     except lifecycle.RunFolderBusy as err:  # the folder belongs to the other process: no record
         log.error("%s", err)
         if not multirun:
@@ -249,6 +246,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         write_failure(cfg, run_dir, status, str(err))
         if not multirun:
             sys.exit(2)
+    except DiskFull as err:  # a checkpoint did not fit: said plainly, the previous one is kept
+        LIFETIME.enter("finish")
+        log.error("%s", err.strerror)
+        write_failure(cfg, run_dir, "failed", f"disk full: {err.strerror}")
+        if not multirun:
+            sys.exit(1)
     except lifecycle.StartupError as err:  # an unusable folder or checkpoint, said plainly
         LIFETIME.enter("finish")
         log.error("%s", err)
@@ -262,6 +265,15 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         if not multirun:
             raise
     return None
+
+
+def exit_after_signal(signum: int) -> None:
+    """Exit after a signal, the record written: first the handler that was there before ours
+    (submitit's requeue under SLURM), then ``128 + signal``."""
+    LIFETIME.phase = "finish"
+    LIFETIME.pass_on()
+    LIFETIME.ignore_further()  # the record is written: nothing may change the exit code
+    sys.exit(lifecycle.exit_code_of_signal(signum))
 
 
 def write_failure(cfg: DictConfig, run_dir: Path, status: str, error: str) -> Path | None:
@@ -279,9 +291,10 @@ def write_failure(cfg: DictConfig, run_dir: Path, status: str, error: str) -> Pa
         record["overrides"] = task_overrides()
     except Exception:  # called outside a Hydra job
         pass
+    lifecycle.complete_record(record, run_dir, record.get("overrides") or [])  # stopped: resume command
     if not lifecycle.is_rank_zero():
         return None
-    return lifecycle.write_record(run_dir, record,
+    return write_record(run_dir, record,
                                   lifecycle.failure_destination(run_dir, status, ident_hash))
 
 

@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_dir
 
 import sharpbench.train as train_mod
 from sharpbench import lifecycle, record, runtime, sweep_status
-from sharpbench.run_identity import IdentityMismatch, identity, identity_hash
+from sharpbench.checks import ConfigError
+from sharpbench.run_identity import CHECKPOINT_KEY, IdentityMismatch
 from sharpbench.train import train, write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,14 +213,14 @@ def test_signal_at_each_phase_records_and_resumes(tmp_path, monkeypatch, referen
 
 
 def test_second_signal_while_writing_the_record_is_ignored(tmp_path, monkeypatch):
-    write = lifecycle.write_record
+    write = train_mod.write_record
 
     def write_under_fire(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
         return write(*args, **kwargs)
-    monkeypatch.setattr(lifecycle, "write_record", write_under_fire)
+    monkeypatch.setattr(train_mod, "write_record", write_under_fire)
     rec = train(cfg("trainer.max_epochs=1"), tmp_path)
     assert rec["status"] == metrics(tmp_path)["status"] == "completed"
     assert lifecycle.LIFETIME.signum is None or not lifecycle.LIFETIME.installed
@@ -245,6 +246,142 @@ def test_ctrl_c_then_sigterm_through_the_cli(tmp_path):
     assert rec["status"] == "interrupted" and rec["steps"] == ckpt(tmp_path)["global_step"] > 0
     assert f"ckpt_path=last hydra.run.dir={tmp_path}" in out
     assert "Traceback" not in out
+
+
+def test_a_signal_while_the_folder_is_claimed_records_the_resume_command(tmp_path, monkeypatch):
+    acquire = lifecycle.RunFolderLock.acquire
+
+    def acquire_under_fire(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return acquire(self)
+    monkeypatch.setattr(lifecycle.RunFolderLock, "acquire", acquire_under_fire)
+    from sharpbench.data import CIFARDataModule
+    monkeypatch.setattr(CIFARDataModule, "prepare_data", kill)  # the stop comes before the data
+    rec = train(cfg(), tmp_path, ["optimizer=sgd"])
+    assert rec["status"] == metrics(tmp_path)["status"] == "preempted"
+    assert metrics(tmp_path)["resume_command"].endswith(f"ckpt_path=last hydra.run.dir={tmp_path}")
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+def test_the_signals_handled_include_usr2_and_submitits_choice(monkeypatch):
+    monkeypatch.delenv(lifecycle.PREEMPT_SIGNAL_ENV, raising=False)
+    assert set(lifecycle.handled_signals()) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2,
+                                                signal.SIGINT}
+    monkeypatch.setenv(lifecycle.PREEMPT_SIGNAL_ENV, "PWR")  # as submitit reads it: without SIG
+    assert signal.SIGPWR in lifecycle.handled_signals()
+    assert lifecycle.status_of_signal(signal.SIGUSR2) == "preempted"
+    assert lifecycle.exit_code_of_signal(signal.SIGUSR2) == 128 + signal.SIGUSR2
+
+
+def test_the_stopping_signal_is_passed_on_to_the_handler_before_ours(monkeypatch):
+    """Under submitit, the job process has submitit's requeue handler on USR2 before ours; after
+    the run is recorded it is called. Python's own Ctrl-C handler is never called."""
+    calls = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
+    signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    life = lifecycle.ProcessLifetime()
+    try:
+        life.install()
+        life.phase = "fit"
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.05)
+        assert life.signum == signal.SIGUSR2 and calls == []  # ours only noted it
+        life.pass_on()
+        assert calls == [signal.SIGUSR2]
+        life.uninstall()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        life.install()
+        life.phase = "fit"
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        life.pass_on()  # no KeyboardInterrupt
+        assert life.signum == signal.SIGINT
+    finally:
+        life.uninstall()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+FAKE_SUBMITIT = """
+import os, signal, sys
+from pathlib import Path
+marker, record = Path(sys.argv[1]), Path(sys.argv[2]) / "metrics.json"
+def checkpoint_and_try_requeue(signum, frame):  # what submitit installs in the job process
+    marker.write_text(f"requeued {signal.Signals(signum).name}; record first: {record.exists()}")
+    sys.exit(-1)  # submitit's exit after requeueing
+signal.signal(signal.SIGUSR2, checkpoint_and_try_requeue)
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # submitit's bypass
+sys.argv = ["sharpbench.train", *sys.argv[3:]]
+from sharpbench.train import main
+main()
+"""
+
+
+def test_usr2_under_a_fake_submitit_stops_cleanly_then_requeues(tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "requeued"
+    env = dict(ENV, SUBMITIT_PREEMPT_SIGNAL="USR2", SLURM_JOB_ID="4242")
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_SUBMITIT, str(marker), str(run), *BASE,
+                             "trainer.max_epochs=50", f"hydra.run.dir={run}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert marker.read_text() == "requeued SIGUSR2; record first: True", out[-3000:]
+    assert proc.returncode == 255, out[-3000:]  # submitit's sys.exit(-1): it requeued the job
+    rec = metrics(run)
+    assert rec["status"] == "preempted" and rec["steps"] == ckpt(run)["global_step"] > 0
+    assert rec["resume_command"].endswith(f"ckpt_path=last hydra.run.dir={run}")
+    assert "Traceback" not in out
+
+
+def catches(pid, signum):
+    """Whether process ``pid`` has a handler installed for ``signum`` (Linux /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+EARLY = {  # when the SIGTERM is sent: after the handler is installed (while importing) + seconds,
+    "imports+0": 0.0, "imports+0.4": 0.4, "imports+1.5": 1.5, "imports+4": 4.0,
+    "lock": "lock",  # or the moment the run folder's lock file appears
+}
+
+
+@pytest.mark.slow  # about 5 start-ups of the CLI (a minute on a loaded 2-core machine)
+def test_early_signals_never_crash_nor_are_lost(tmp_path):
+    """SIGTERM while ``python -m sharpbench.train`` imports its libraries, composes, claims the
+    folder: always exit 143, no traceback, never a run that goes on; after the folder is
+    claimed, a record with the resume command."""
+    for name, when in EARLY.items():
+        run = tmp_path / name
+        proc = subprocess.Popen([sys.executable, "-m", "sharpbench.train", *BASE,
+                                 f"hydra.run.dir={run}"], cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        if when == "lock":
+            while time.time() < deadline and not (run / lifecycle.LOCK_FILE).exists():
+                time.sleep(0.002)
+        else:
+            while time.time() < deadline and not catches(proc.pid, signal.SIGTERM):
+                time.sleep(0.002)
+            time.sleep(when)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 143, f"{name}: {out[-3000:]}"
+        assert "Traceback" not in out and "Error" not in out, f"{name}: {out[-3000:]}"
+        if "before the run started" in out:
+            assert not (run / "metrics.json").exists(), name
+        else:
+            rec = metrics(run)
+            assert rec["status"] == "preempted" and "resume_command" in rec, name
+        if when == "lock":
+            assert "resume_command" in metrics(run)
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -302,7 +439,8 @@ def test_changed_config_is_refused_and_the_folder_left_alone(finished):
     run, record_bytes, ckpt_bytes = finished
     with pytest.raises(IdentityMismatch) as err:
         train(cfg("optimizer.lr=0.5", "ckpt_path=last"), run)
-    assert "optimizer.lr: 0.05 -> 0.5" in str(err.value) and "on_config_change=new_folder" in str(err.value)
+    assert "optimizer.lr: 0.05 -> 0.5" in str(err.value)
+    assert "another folder" in str(err.value) and "delete that folder" in str(err.value)
     assert (run / "metrics.json").read_bytes() == record_bytes
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == ckpt_bytes
     # the failure is recorded beside the completed record, never over it
@@ -318,32 +456,67 @@ def test_a_preempted_checkpoint_of_another_config_is_refused(finished):
         train(cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
 
 
+def without_identity(run):
+    """The folder's checkpoint as older versions wrote it: no run identity, no code segments."""
+    path = run / "checkpoints" / "last.ckpt"
+    old = torch.load(path, weights_only=False)
+    for key in (CHECKPOINT_KEY, runtime.SEGMENTS_KEY):
+        old.pop(key, None)
+    torch.save(old, path)
+    (run / "checkpoints" / "last.prev.ckpt").unlink()
+    (run / "metrics.json").unlink()
+
+
+@pytest.mark.parametrize("change", ["optimizer=sam", "++model.width=8"])
+def test_an_old_checkpoint_of_another_model_or_optimizer_is_refused_with_a_message(finished, change):
+    run, _, _ = finished
+    without_identity(run)
+    with pytest.raises(IdentityMismatch, match=r"no stored run identity .*does not fit") as err:
+        train(cfg("trainer.max_epochs=3", "ckpt_path=last", change), run)
+    assert ("optimizer 'sgd'" if change == "optimizer=sam" else "of shape") in str(err.value)
+    assert not (run / "metrics.json").exists()
+
+
+def test_an_old_checkpoint_that_fits_is_resumed(finished, caplog):
+    run, _, _ = finished
+    without_identity(run)
+    rec = train(cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
+    assert rec["status"] == "completed" and rec["steps"] == 24
+    assert "no stored run identity" in caplog.text
+    assert rec["code_segments"][0] == {"code_version": None, "from_step": 0}
+    assert rec["continued_by_other_code"] is True
+
+
+def test_a_run_continued_by_other_code_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(record, "code_version", lambda: "git:old")
+    inject(monkeypatch, At("on_train_batch_start", kill, lambda t: t.global_step == 10))
+    with pytest.raises(Kill):
+        train(cfg(), tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(record, "code_version", lambda: "git:new")
+    rec = train(cfg("ckpt_path=last"), tmp_path)
+    assert [(s["code_version"], s["from_step"]) for s in rec["code_segments"]] == [("git:old", 0),
+                                                                                  ("git:new", 8)]
+    assert rec["continued_by_other_code"] is True and metrics(tmp_path)["continued_by_other_code"]
+    assert "trained up to step 8 by git:old and continues with git:new" in caplog.text
+    same = train(cfg(), tmp_path / "again")
+    assert same["continued_by_other_code"] is False and len(same["code_segments"]) == 1
+
+
 def test_data_location_is_not_part_of_the_identity(finished, reference):
     run, record_bytes, _ = finished
     rec = train(cfg("dataset.root=/elsewhere", "ckpt_path=last"), run)
     assert rec == reference[1] and (run / "metrics.json").read_bytes() == record_bytes
 
 
-def test_new_folder_on_request(finished):
+def test_the_removed_ways_on_are_refused_with_the_ways_out(finished):
+    """on_config_change=new_folder and extend were dropped: a changed config is refused."""
     run, record_bytes, _ = finished
-    rec = train(cfg("optimizer.lr=0.5", "trainer.max_epochs=1", "ckpt_path=last",
-                    "on_config_change=new_folder"), run)
-    fresh = run.with_name(f"run+{rec['config_hash'][:8]}")
-    assert metrics(fresh)["config"]["optimizer"]["lr"] == 0.5 and rec["steps"] == 8
+    for mode in ("new_folder", "extend"):
+        with pytest.raises(ConfigError, match=f"on_config_change={mode} was removed.*another folder"):
+            train(cfg("trainer.max_epochs=3", "ckpt_path=last", f"on_config_change={mode}"), run)
     assert (run / "metrics.json").read_bytes() == record_bytes
-
-
-def test_extend_continues_for_more_epochs_under_its_own_identity(finished, reference):
-    run, _, _ = finished
-    with pytest.raises(IdentityMismatch, match="on_config_change=extend"):
-        train(cfg("trainer.max_epochs=3", "ckpt_path=last"), run)
-    rec = train(cfg("trainer.max_epochs=3", "ckpt_path=last", "on_config_change=extend"), run)
-    assert rec["status"] == "completed" and rec["steps"] == 24 and rec["epochs_completed"] == 3
-    assert rec["config"]["continued_from"] == {"epochs": 2, "config_hash": reference[1]["config_hash"]}
-    fresh_three = identity_hash(identity(cfg("trainer.max_epochs=3")))
-    assert rec["config_hash"] != fresh_three  # never averaged with a run planned for 3 epochs
-    again = train(cfg("trainer.max_epochs=3", "ckpt_path=last", "on_config_change=extend"), run)
-    assert again == rec  # re-running the same command skips the completed continuation
+    assert not list(run.parent.glob("run+*"))
 
 
 # ------------------------------------------------------------------------ one folder, one process
@@ -394,55 +567,58 @@ def test_the_lock_is_released_at_exit(tmp_path):
 
 # ---------------------------------------------------------------------------------- disks
 class FullDisk:
-    """From ``fill()`` on, every write fails with ENOSPC, except that deleting the run's reserve
-    file (if it was there when the disk filled up) frees that much space."""
+    """From ``fill()`` on, a checkpoint never fits on the run's disk; a small record still does,
+    unless ``nothing_fits``. ``torch_error``: torch's zip writer fails the way it does on a real
+    full disk (``RuntimeError ... unexpected pos``) instead of with ``OSError``."""
 
-    def __init__(self, monkeypatch, folder):
-        self.folder = Path(folder)
-        self.reserve, self.full, self.freeable = self.folder / lifecycle.RESERVE_FILE, False, False
+    def __init__(self, monkeypatch, folder, torch_error=False):
+        self.folder, self.full, self.nothing_fits = Path(folder), False, False
         save, write = runtime.torch.save, record.atomic_write_text
 
-        def checked(path, nbytes):
-            freed = self.freeable and not self.reserve.exists()
-            if self.full and not (freed and nbytes <= lifecycle.RESERVE_BYTES):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
         def save_on_disk(obj, f, *args, **kwargs):
-            checked(f, 1 << 30)  # a checkpoint never fits
+            if self.full:
+                if torch_error:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(getattr(f, "name", f)))
             return save(obj, f, *args, **kwargs)
 
-        def write_on_disk(path, text):
-            if Path(path).is_relative_to(self.folder):  # another disk is not full
-                checked(path, len(text.encode()))
-            return write(path, text)
+        def write_on_disk(path, text, **kwargs):
+            if self.full and self.nothing_fits and Path(path).is_relative_to(self.folder):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return write(path, text, **kwargs)
         monkeypatch.setattr(runtime.torch, "save", save_on_disk)
         monkeypatch.setattr(record, "atomic_write_text", write_on_disk)
 
     def fill(self, *_):
-        self.full, self.freeable = True, self.reserve.exists()
+        self.full = True
 
 
-def test_full_disk_keeps_the_checkpoint_and_records_the_failure(tmp_path, monkeypatch):
-    disk = FullDisk(monkeypatch, tmp_path)
+@pytest.mark.parametrize("torch_error", [False, True], ids=["ENOSPC", "unexpected_pos"])
+def test_full_disk_keeps_the_checkpoint_and_says_disk_full(tmp_path, monkeypatch, torch_error):
+    disk = FullDisk(monkeypatch, tmp_path, torch_error)
     inject(monkeypatch, At("on_train_batch_end", disk.fill, lambda t: t.global_step == 10))
-    with pytest.raises(OSError) as err:
+    with pytest.raises(runtime.DiskFull) as err:
         train(cfg(), tmp_path)
-    assert err.value.errno == errno.ENOSPC
-    where = write_failure(cfg(), tmp_path, "failed", f"OSError: {err.value}")  # what main() does
+    assert err.value.errno == errno.ENOSPC and "disk full" in str(err.value)
+    assert "last.ckpt keeps the last one written" in str(err.value)
+    where = write_failure(cfg(), tmp_path, "failed", f"disk full: {err.value.strerror}")  # as main()
     assert where == tmp_path / "metrics.json"
     rec = metrics(tmp_path)
-    assert rec["status"] == "failed" and "No space left" in rec["error"]
+    assert rec["status"] == "failed" and "disk full" in rec["error"]
     assert ckpt(tmp_path)["global_step"] == 8 and not runtime.non_finite_tensors(ckpt(tmp_path))
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
-def test_record_goes_to_the_fallback_folder_when_nothing_can_be_freed(tmp_path, monkeypatch):
+def test_record_goes_to_the_fallback_folder_when_nothing_fits(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    FullDisk(monkeypatch, run).fill()
+    disk = FullDisk(monkeypatch, run)
+    disk.nothing_fits = True
+    disk.fill()
     monkeypatch.setenv("SHARPBENCH_FALLBACK_DIR", str(tmp_path / "fallback"))
-    where = lifecycle.write_record(run, {"status": "failed", "error": "disk full"})
+    where = record.write_record(run, {"status": "failed", "error": "disk full"})
     assert where.parent == tmp_path / "fallback" and json.loads(where.read_text())["status"] == "failed"
+    assert "the disk is full" in capsys.readouterr().err
 
 
 def test_unwritable_run_folder_is_found_at_startup(tmp_path, monkeypatch):
@@ -515,37 +691,3 @@ def test_home_in_dataset_root_is_expanded_for_reading_and_cache(tmp_path, monkey
     data.setup("fit")
     assert (tmp_path / "home" / "x" / ".sharpbench_cache").is_dir()
     assert not (tmp_path / "~").exists()
-
-
-# ------------------------------------------------------------ the folder's Hydra record
-def hydra_files(run, text):
-    """What Hydra writes into the job folder before sharpbench sees the config."""
-    (run / ".hydra").mkdir(exist_ok=True)
-    for name in ("config.yaml", "overrides.yaml"):
-        (run / ".hydra" / name).write_text(f"{name}: {text}\n")
-
-
-def test_a_refused_command_leaves_the_folders_hydra_record_alone(finished):
-    run, _, _ = finished
-    hydra_files(run, "the run that lives here")
-    from sharpbench import hydra_record
-    hydra_record.accept(run)                       # as when that run was accepted
-    hydra_files(run, "a refused command")          # Hydra, for the next command
-    with pytest.raises(IdentityMismatch):
-        train(cfg("optimizer.lr=0.5", "ckpt_path=last"), run)
-    assert (run / ".hydra" / "config.yaml").read_text() == "config.yaml: the run that lives here\n"
-    assert (run / ".hydra" / "overrides.yaml").read_text() == "overrides.yaml: the run that lives here\n"
-
-
-def test_a_moved_run_takes_its_hydra_record_and_a_new_run_keeps_one(finished, tmp_path):
-    run, _, _ = finished
-    hydra_files(run, "the original")
-    from sharpbench import hydra_record
-    hydra_record.accept(run)
-    hydra_files(run, "the new config")
-    rec = train(cfg("optimizer.lr=0.5", "trainer.max_epochs=1", "ckpt_path=last",
-                    "on_config_change=new_folder"), run)
-    fresh = run.with_name(f"run+{rec['config_hash'][:8]}")
-    assert (fresh / ".hydra" / "config.yaml").read_text() == "config.yaml: the new config\n"
-    assert (fresh / ".hydra" / "accepted" / "config.yaml").read_text() == "config.yaml: the new config\n"
-    assert (run / ".hydra" / "config.yaml").read_text() == "config.yaml: the original\n"

@@ -85,7 +85,8 @@ def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path, method):
     assert sorted(steps.astype(int)) == list(range(32))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2],
+                         ids=["SIGTERM", "SIGUSR1", "SIGUSR2"])
 def test_signal_checkpoints_and_stops_then_resumes(tmp_path, signum):
     cmd, env = cli(tmp_path, "optimizer=sam", "trainer.max_epochs=3")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,7 +21,7 @@ from sharpbench.eval import evaluate
 from sharpbench.export import load_model
 from sharpbench.models import build_model
 from sharpbench.module import SharpnessModule
-from sharpbench.record import atomic_write_text
+from sharpbench.fileio import atomic_write_text
 from sharpbench.schedule import ScheduleConfigError, check_schedule, lr_multiplier
 from sharpbench.sweep_dirs import job_dir_name, register_resolver
 
@@ -230,7 +230,7 @@ def test_sweep_folder_names_leave_out_where_keys():
 
 
 def test_long_sweep_folder_names_become_prefix_plus_hash():
-    long = ["optimizer=sam", f"run_name={'x' * 300}", "seed=3"]
+    long = ["optimizer=sam", f"schedule.name={'x' * 300}", "seed=3"]  # (run_name names no folder)
     name = sweep_subdir(long)
     assert len(name.encode()) <= 200 and name.startswith("optimizer=sam-")
     assert name == sweep_subdir(long)  # stable: a re-run finds the same folder

@@ -13,8 +13,7 @@ mode, with the weights restored bit-identically afterwards. Results save to ``.n
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..fileio import atomic_file
 from .conventions import Batch, LossFn, as_batches, evaluate, measuring, model_device, trainable
 from .directions import filter_normalized_directions
 
@@ -126,38 +126,25 @@ def loss_line(model: nn.Module, loss_fn: LossFn, data: Iterable[Batch],
 
 def _atomic_npz(path: Path, **arrays) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        from .plots import publish
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
     return path
 
 
 def save_surface(path, surface: Surface) -> Path:
-    import json
     return _atomic_npz(path, alphas=surface.alphas, betas=surface.betas, loss=surface.loss,
                        acc=surface.acc, meta=np.array(json.dumps(surface.meta)))
 
 
 def load_surface(path) -> Surface:
-    import json
     with np.load(path) as f:
         return Surface(f["alphas"], f["betas"], f["loss"], f["acc"], json.loads(str(f["meta"])))
 
 
 def save_line(path, line: Line) -> Path:
-    import json
     return _atomic_npz(path, t=line.t, loss=line.loss, acc=line.acc, meta=np.array(json.dumps(line.meta)))
 
 
 def load_line(path) -> Line:
-    import json
     with np.load(path) as f:
         return Line(f["t"], f["loss"], f["acc"], json.loads(str(f["meta"])))

@@ -19,7 +19,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..record import atomic_write_text
+from ..fileio import atomic_write_text
+from .hessian import hessian_eigenvalues
 
 HISTORY_FILE = "lambda_max.json"
 
@@ -50,7 +51,6 @@ class LambdaMaxMonitor(L.Callback):
         epoch = trainer.current_epoch + 1  # epochs completed
         if epoch % self.every and epoch != trainer.max_epochs:
             return
-        from .hessian import hessian_eigenvalues
         eig = hessian_eigenvalues(pl_module.model, F.cross_entropy, self._batches(trainer, pl_module.device),
                                   k=1, num_iters=self.num_iters, seed=self.seed, dtype=torch.float32)
         lam = eig.eigenvalues[0]

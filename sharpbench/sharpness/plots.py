@@ -12,17 +12,16 @@ side-by-side surfaces. Functions drawing several runs take ``methods``, one per 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..colors import method_color
-from ..fileio import make_shareable
+from ..fileio import atomic_file, publish
 from .landscape import Line, Surface
 
+__all__ = ["publish"]  # (figures.py writes its GIF through it)
 LINESTYLES = ("-", "--", "-.", ":")
 
 
@@ -34,23 +33,10 @@ def new_figure(width: float, height: float, layout: str | None = None):
     return fig
 
 
-def publish(tmp: str, path: Path) -> None:
-    """Rename ``tmp`` over ``path`` with the usual file mode (mkstemp creates files 0600)."""
-    make_shareable(tmp)
-    os.replace(tmp, path)
-
-
 def save_png(fig, path, dpi: int = 110) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
     return path
 
 

@@ -1,4 +1,5 @@
-"""The sharpness part of the sweep report (called by ``sharpbench.report`` when runs have it).
+"""The sharpness part of the sweep report (``sharpbench.report`` calls it with the runs it counts
+and its method labels).
 
 For every (dataset, method, setting) whose completed runs were analysed
 (``python -m sharpbench.analyze <sweep dir>``), the mean ± sample std (ddof=1) over seeds of
@@ -14,11 +15,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
+from ..fileio import atomic_write_text
+from .landscape import load_surface
+from .plots import plot_surfaces
+
 RESULT_FILE = "sharpness.json"
+DASH = "—"  # an empty cell (the report's tables use it too)
+Label = Callable[[str, str], str]  # (method, setting) -> its name in a table
 
 
 def run_measures(run_dir: str | Path) -> dict[str, float]:
@@ -39,18 +46,10 @@ def run_measures(run_dir: str | Path) -> dict[str, float]:
     return out
 
 
-def counted(df: pd.DataFrame) -> pd.DataFrame:
-    """The completed runs the accuracy table counts (a seed logged twice counts once)."""
-    from .. import report
-    if hasattr(report, "counted_runs"):
-        return report.counted_runs(df)
-    return df[df["status"] == "completed"]
-
-
-def sharpness_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per counted completed run that has sharpness results."""
+def sharpness_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (of the counted completed ``runs``) that has sharpness results."""
     rows = []
-    for run in counted(df).itertuples():
+    for run in runs.itertuples():
         measures = run_measures(run.run_dir)
         if measures:
             rows.append({"dataset": run.dataset, "method": run.method, "setting": run.setting,
@@ -72,8 +71,7 @@ def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    from ..report import DASH, method_label
+def to_markdown(table: pd.DataFrame, method_label: Label) -> str:
     measures = [c[:-5] for c in table.columns if c.endswith("_mean")]
     header = ["dataset", "method", "n"] + [m.replace("sharp_", "m-sharpness ") if m.startswith("sharp_")
                                            else {"lambda_max": "λ_max", "trace": "tr H"}.get(m, m) for m in measures]
@@ -90,11 +88,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def landscape_panels(runs: pd.DataFrame, methods: list[str] | None = None) -> list[tuple[str, Any]]:
+def landscape_panels(runs: pd.DataFrame, method_label: Label,
+                     methods: list[str] | None = None) -> list[tuple[str, Any]]:
     """One (label, surface) per (dataset, method, setting); ``methods``, when given, receives
     each panel's method (its colour)."""
-    from ..report import method_label
-    from .landscape import load_surface
     items = []
     for (dataset, method, setting), group in runs.groupby(["dataset", "method", "setting"], sort=False):
         for run in group.sort_values("seed").itertuples():
@@ -108,24 +105,24 @@ def landscape_panels(runs: pd.DataFrame, methods: list[str] | None = None) -> li
     return items
 
 
-def write_sharpness_outputs(df: pd.DataFrame, out: Path, figures: bool = True) -> dict[str, Path]:
-    """sharpness.csv, sharpness.md and landscapes.png into ``out``; {} when no run was analysed."""
-    if df.empty or "run_dir" not in df.columns:
+def write_sharpness_outputs(counted: pd.DataFrame, out: Path, method_label: Label,
+                            figures: bool = True) -> dict[str, Path]:
+    """sharpness.csv, sharpness.md and landscapes.png into ``out`` from the ``counted`` completed
+    runs of the report; {} when no run was analysed."""
+    if counted.empty or "run_dir" not in counted.columns:
         return {}
-    runs = sharpness_frame(df)
+    runs = sharpness_frame(counted)
     paths: dict[str, Path] = {}
-    from ..record import atomic_write_text
     if not runs.empty:
         table = sharpness_table(runs)
         atomic_write_text(out / "sharpness.csv", table.to_csv(index=False))
-        atomic_write_text(out / "sharpness.md", to_markdown(table))
+        atomic_write_text(out / "sharpness.md", to_markdown(table, method_label))
         paths.update(sharpness_csv=out / "sharpness.csv", sharpness_md=out / "sharpness.md")
     if figures:
-        done = counted(df)[["dataset", "method", "setting", "seed", "run_dir"]]
+        done = counted[["dataset", "method", "setting", "seed", "run_dir"]]
         methods: list[str] = []
-        items = landscape_panels(done, methods)
+        items = landscape_panels(done, method_label, methods)
         if items:
-            from .plots import plot_surfaces
             paths["landscapes"] = plot_surfaces(items, out / "landscapes.png", "contour",
                                                 "loss surfaces (filter-normalised directions, same seed), one colour scale",
                                                 methods=methods)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_write_text
 from .optim import registry
 from .optim.context import StepContext
 
@@ -707,18 +708,6 @@ def table(rows: list[dict] | None, caption: str, header: list[str],
             *("| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows), ""]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def to_csv(results: dict[str, list[dict]]) -> str:
     buf = io.StringIO()
     keys = ["section"] + sorted({k for rows in results.values() for r in rows for k in r})
@@ -771,8 +760,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m sharpbench.bench " + " ".join(argv)
     text = markdown(o, device, results, command.strip())
     out = Path(o["out"])
-    write_atomic(out / "bench.md", text + "\n")
-    write_atomic(out / "bench.csv", to_csv(results))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench.md", text + "\n")
+    atomic_write_text(out / "bench.csv", to_csv(results))
     print(text)
     log(f"wrote {out / 'bench.md'} and {out / 'bench.csv'}")
     return 0

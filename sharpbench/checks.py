@@ -22,6 +22,23 @@ class ConfigError(ValueError):
 
 
 
+WAYS_OUT = ("To run this configuration, use another folder (hydra.run.dir=..., or "
+            "hydra.sweep.dir=... for a sweep; or another run_name), or delete that folder to "
+            "start over in it; to resume the original run, use its original settings.")
+REMOVED_ON_CONFIG_CHANGE = ("new_folder", "extend")
+
+
+def on_config_change_problem(value: Any) -> str | None:
+    """``refuse`` is what always happens; the removed ``new_folder``/``extend`` name the ways out."""
+    value = "refuse" if value in (None, "") else str(value)
+    if value == "refuse":
+        return None
+    if value in REMOVED_ON_CONFIG_CHANGE:
+        return (f"on_config_change={value} was removed: a folder holding another "
+                f"configuration's run is always refused. {WAYS_OUT}")
+    return f"on_config_change={value!r}: the only value is refuse. {WAYS_OUT}"
+
+
 HELP_HINT = "python -m sharpbench.train --help lists every key with its meaning"
 
 
@@ -210,6 +227,8 @@ def cross_field_problems(root: Mapping[str, Any]) -> list[str]:
     """Settings that are each valid but do not work together (no data needed); ``root`` is the
     resolved config (:func:`resolved`) that passed the schema."""
     problems = []
+    if (removed := on_config_change_problem(root.get("on_config_change"))) is not None:
+        problems.append(removed)
     t, opt, data = root["trainer"], root["optimizer"], root["dataset"]
     accelerator, devices = str(t.get("accelerator", "auto")), t.get("devices", 1)
     if accelerator in ("gpu", "cuda"):

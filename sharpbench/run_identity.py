@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from .checks import ConfigError
+from .checks import WAYS_OUT, ConfigError, on_config_change_problem
 from .record import config_hash
 
 # Config keys that say where or how a run is written or watched, not what it computes. A key
@@ -35,7 +35,6 @@ NOT_RUN_DEFINING = ("ckpt_path", "run_name", "sweep_name", "on_config_change", "
 # Left out of sweep job folder names besides NOT_RUN_DEFINING: a preset's own overrides name it.
 NOT_IN_FOLDER_NAMES = ("experiment",)
 CHECKPOINT_KEY = "sharpbench_identity"
-REMOVED_ON_CONFIG_CHANGE = ("new_folder", "extend")
 
 
 class IdentityMismatch(ConfigError):
@@ -111,20 +110,11 @@ def describe(keys: list[str], old: Mapping[str, Any], new: Mapping[str, Any]) ->
     return "; ".join(shown) + more
 
 
-WAYS_OUT = ("To run this configuration, use another folder (hydra.run.dir=..., or "
-            "hydra.sweep.dir=... for a sweep; or another run_name), or delete that folder to "
-            "start over in it; to resume the original run, use its original settings.")
-
-
 def check_on_config_change(value: Any) -> None:
     """``refuse`` is what always happens; the removed ``new_folder``/``extend`` name the ways out."""
-    value = "refuse" if value in (None, "") else str(value)
-    if value == "refuse":
-        return
-    if value in REMOVED_ON_CONFIG_CHANGE:
-        raise ConfigError(f"on_config_change={value} was removed: a folder holding another "
-                          f"configuration's run is always refused. {WAYS_OUT}")
-    raise ConfigError(f"on_config_change={value!r}: the only value is refuse. {WAYS_OUT}")
+    problem = on_config_change_problem(value)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def same_run(found: Mapping[str, Any], ident: Mapping[str, Any]) -> bool:

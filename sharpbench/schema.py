@@ -173,7 +173,7 @@ class Key:
 TOP = {
     "seed": Key("int in [0, 4294967295]", "seeds model initialisation, data order, augmentation and every random choice"),
     "ckpt_path": Key("null | str", "null: start fresh; last: resume <run dir>/checkpoints/last.ckpt; or a .ckpt path"),
-    "on_config_change": Key("refuse | new_folder | extend", "a folder holding another config's checkpoint or completed record: refuse (name the keys that differ), new_folder (run fresh in <run dir>+<hash>), extend (continue it for a larger trainer.max_epochs)"),
+    "on_config_change": Key("refuse | new_folder | extend", "a folder holding another config's checkpoint or completed record is refused, naming the keys that differ (new_folder and extend were removed: each is refused with the ways out)"),
     "label_smoothing": Key("float in [0, 1)", "label smoothing of the cross-entropy (0.1 in the paper's Table 1 recipe)"),
     "run_name": Key("str", "name of the run folder (default <method>-<dataset>-<model>-seed<seed>)"),
     "sweep_name": Key("str", "name of the sweep folder under outputs/sweeps/"),

@@ -9,14 +9,13 @@ decoded again and the file rewritten. Writes are atomic (temporary file in the s
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from sharpbench.fileio import make_shareable
+from sharpbench.fileio import atomic_torch_save
 
 CACHE_VERSION = 1
 CACHE_DIRNAME = ".sharpbench_cache"
@@ -61,23 +60,14 @@ def read_cache(path: Path, fingerprint: dict) -> Payload | None:
 def write_cache(path: Path, fingerprint: dict, payload: Payload) -> None:
     """Atomically write ``payload`` with its ``fingerprint`` to ``path``; warn if not writable."""
     record = {"version": CACHE_VERSION, "fingerprint": fingerprint, **payload}
-    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        make_shareable(fd)  # mkstemp's 0600 -> 0666 & ~umask, like open()
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(record, handle)
-        os.replace(tmp_name, path)
-        tmp_name = None
+        atomic_torch_save(record, path)
     except OSError as err:
         warnings.warn(
             f"Could not write the data cache {path} ({err}); the dataset will be decoded again next "
             "time. Set dataset.cache_dir to a writable folder to keep the cache."
         )
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 def cached(path: Path | None, fingerprint: dict, build: Callable[[], Payload]) -> Payload:

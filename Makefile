@@ -40,7 +40,7 @@ train:  ## one training run: make train ARGS="optimizer=sam dataset=cifar10"
 	$(BIN)/sharpbench train $(ARGS)
 
 eval:  ## evaluate a trained run: make eval RUN=outputs/runs/<run>
-	$(BIN)/sharpbench eval ckpt=$(RUN) $(ARGS)
+	$(BIN)/sharpbench eval "$(RUN)" $(ARGS)
 
 smoke:  ## a complete tiny run on synthetic data, CPU, well under a minute
 	$(BIN)/python -m sharpbench.train experiment=smoke optimizer=sam $(ARGS)

@@ -12,7 +12,7 @@ import sys
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sharpbench.train", "train one model, or a sweep with -m (Hydra overrides: optimizer=sam dataset=cifar10 ...)"),
-    "eval": ("sharpbench.eval", "evaluate a trained run on its test (and validation) set: eval ckpt=<run dir or .ckpt>"),
+    "eval": ("sharpbench.eval", "evaluate a trained run on its test (and validation) set: eval <run dir, sweep job dir or .ckpt>"),
     "report": ("sharpbench.report", "tables and curves of a sweep: report <sweep dir>"),
     "analyze": ("sharpbench.analyze", "sharpness diagnostics and loss landscapes of a trained run: analyze <run dir>"),
     "bench": ("sharpbench.bench", "step-time benchmark of every optimizer"),

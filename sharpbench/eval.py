@@ -1,4 +1,4 @@
-"""Evaluate a trained run: ``sharpbench eval ckpt=<run folder or .ckpt>`` (``python -m sharpbench.eval``).
+"""Evaluate a trained run: ``sharpbench eval <run folder or .ckpt>`` (or ``ckpt=<path>``) (``python -m sharpbench.eval``).
 
 checkpoint → module (``SharpnessModule.load_from_checkpoint``) → data from the run's saved config
 → test set (and validation split, if the run had one) → ``eval.json`` beside the run's metrics.
@@ -142,8 +142,31 @@ def one_line(result: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def quote_override_value(text: str) -> str:
+    """``text`` as a quoted Hydra override value: a sweep job folder's name holds ``=`` and ``,``,
+    which the override grammar would read as syntax."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def positional_ckpt(argv: list[str]) -> list[str]:
+    """``sharpbench eval <run folder or .ckpt>``: an argument that names an existing path becomes
+    ``ckpt='<path>'`` (quoted, so any folder name works)."""
+    out = []
+    for arg in argv:
+        if not arg.startswith("-") and not arg.startswith("ckpt=") and Path(arg).expanduser().exists():
+            arg = f"ckpt={quote_override_value(arg)}"
+        out.append(arg)
+    return out
+
+
+def main() -> dict[str, Any] | None:
+    """``sharpbench eval <run folder or .ckpt> [key=value ...]`` (or ``ckpt=<path>``)."""
+    sys.argv = [sys.argv[0], *positional_ckpt(sys.argv[1:])]
+    return hydra_main()
+
+
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, Any] | None:
+def hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     quiet_libraries()
     try:
         result = evaluate(cfg.ckpt, out=cfg.out, data_root=cfg.data_root,

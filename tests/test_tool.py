@@ -195,6 +195,23 @@ def test_eval_reproduces_the_runs_test_and_val_numbers(run, tmp_path):
     assert again["test_acc"] == pytest.approx(record["test_acc"]) and (tmp_path / "e.json").is_file()
 
 
+def test_eval_takes_a_sweep_job_folder_as_a_positional_argument(run, tmp_path):
+    """A sweep job folder's name holds '=' and ',' (Hydra's override grammar refused
+    ``ckpt=<it>``); given as a path, it evaluates."""
+    import shutil
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from sharpbench.eval import positional_ckpt
+    run_dir, _ = run
+    job = tmp_path / "sweep" / "optimizer=sam,seed=0,it's"
+    shutil.copytree(run_dir, job)
+    (override,) = positional_ckpt([str(job)])
+    assert OverridesParser.create().parse_override(override).value() == str(job)
+    out = sharpbench("eval", str(job), "progress_bar=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.loads((job / "metrics.json").read_text())
+    assert json.loads((job / "eval.json").read_text())["test_acc"] == pytest.approx(record["test_acc"])
+
+
 def test_eval_of_a_folder_without_checkpoint_is_a_clear_error(tmp_path):
     from sharpbench.eval import EvalInputError
     with pytest.raises(EvalInputError, match="no checkpoint at .*checkpoints/last.ckpt"):

@@ -418,8 +418,13 @@ def seconds(value: float) -> str:
 
 
 def paper_cell(row, field: str, spec: str) -> str:
+    """The paper's number; "other recipe" where the paper has one but the runs are not its
+    recipe; a dash where the paper has none."""
     if not row.paper_recipe:
-        return OTHER_RECIPE
+        method = row["method"] if "method" in row.index else row.name[0]  # (method, setting) index
+        paper = reference.paper_row(row["dataset"], method)
+        has = paper is not None and getattr(paper, field.removeprefix("paper_"), None) is not None
+        return OTHER_RECIPE if has else DASH
     value = getattr(row, field)
     return DASH if pd.isna(value) else format(value, spec)
 

@@ -78,6 +78,7 @@ class ProcessLifetime:
     """The process's one handler for the stop signals (see the module docstring)."""
 
     def __init__(self) -> None:
+        self.trainer = None  # the run's trainer while it fits and tests (read by run_logging)
         self.phase = "startup"
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
@@ -146,13 +147,14 @@ class ProcessLifetime:
             raise Interrupted(self.signum)
 
     @contextmanager
-    def watching(self):
-        """Phase ``fit`` (signals stop training at a safe point), ``finish`` after."""
-        self.phase = "fit"
+    def watching(self, trainer=None):
+        """Phase ``fit`` (signals stop training at a safe point), ``finish`` after; ``trainer`` is
+        kept as ``self.trainer`` meanwhile."""
+        self.phase, self.trainer = "fit", trainer
         try:
             yield self
         finally:
-            self.phase = "finish"
+            self.phase, self.trainer = "finish", None
 
     def stop_status(self) -> str:
         return status_of_signal(self.signum) if self.signum is not None else "preempted"

@@ -140,7 +140,7 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     log_hyperparameters(trainer.loggers, ident)
     LIFETIME.stop_here()  # the last safe point before training
     status, error = "completed", None
-    with LIFETIME.watching():  # signals: see sharpbench.lifecycle
+    with LIFETIME.watching(trainer):  # signals: see sharpbench.signals
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
             LIFETIME.enter("test")  # a signal that came during or after fit stops the run here

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .fileio import atomic_write_text
-from .data import CIFARDataModule
+from .data import CIFARDataModule, DataConfigError
+from .data_location import dataset_for_evaluation, describe
 from .models import build_model
 from .sharpness import (gradient_eigenvector_angle, hessian_density, hessian_eigenvalues,
                         hessian_trace, loss_line, loss_surface, sharpness)
@@ -70,10 +71,35 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     raise AnalyzeError(f"{run_dir}: neither metrics.json nor .hydra/config.yaml: not a sharpbench run dir")
 
 
-def build_data(cfg: dict[str, Any]):
-    data = CIFARDataModule(**cfg["dataset"], seed=int(cfg.get("seed", 0)))
-    data.prepare_data()
-    data.setup("fit")
+def recorded_source(run_dir: Path) -> dict[str, Any] | None:
+    """Where training read the run's data: metrics.json's ``data_source``, else the checkpoint's."""
+    source = (read_metrics(run_dir) or {}).get("data_source")
+    if source:
+        return dict(source)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        try:
+            hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
+        except Exception:  # an unreadable checkpoint is reported where the weights are loaded
+            return None
+        return hparams.get("data_source")
+    return None
+
+
+def build_data(cfg: dict[str, Any], source: dict[str, Any] | None = None,
+               root: str | None = None, format: str | None = None):
+    """The run's training data, read where training read them unless ``root``/``format`` say
+    otherwise (:mod:`sharpbench.data_location`)."""
+    dataset = dataset_for_evaluation(cfg["dataset"], source, root=root, format=format)
+    data = CIFARDataModule(**dataset, seed=int(cfg.get("seed", 0)))
+    try:
+        data.prepare_data()
+        data.setup("fit")
+    except DataConfigError as err:
+        where = "at" if root is not None else "where training read them,"
+        raise AnalyzeError(
+            f"the run's data were not found {where} {describe(dataset)}. {err} (On this "
+            "command, dataset.root= and dataset.format= say where they are now.)") from err
     return data
 
 
@@ -222,7 +248,7 @@ def analyze_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     what = parse_what(cfg.what)
     run_cfg = run_config(run_dir)
     device = resolve_device(str(cfg.device))
-    data = build_data(run_cfg)
+    data = build_data(run_cfg, recorded_source(run_dir), cfg.dataset.root, cfg.dataset.format)
     model = load_trained(run_dir, run_cfg, data.num_classes, device)
     batch_size = int(cfg.subset.batch_size)
     batches = fixed_subset(data, int(cfg.subset.size), int(cfg.subset.seed), batch_size, device)

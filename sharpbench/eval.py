@@ -4,8 +4,9 @@ checkpoint → module (``SharpnessModule.load_from_checkpoint``) → data from t
 → test set (and validation split, if the run had one) → ``eval.json`` beside the run's metrics.
 
 The data are rebuilt exactly as in training (same seed, subsets, split), so on an unchanged
-dataset ``test_acc`` equals the run's ``metrics.json``. ``data_root`` points at a dataset that has
-moved since; ``out`` writes eval.json elsewhere.
+dataset ``test_acc`` equals the run's ``metrics.json``. They are read where training read them
+(the run's recorded ``data_source``: root and format); ``dataset.root=`` and ``dataset.format=``
+point at data that moved (:mod:`sharpbench.data_location`); ``out`` writes eval.json elsewhere.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checks
 from .console import quiet_libraries
-from .data import CIFARDataModule
+from .data import CIFARDataModule, DatasetUnavailableError
+from .data_location import dataset_for_evaluation, describe
 from .module import SharpnessModule
 from .run_logging import EvalProgressBar
 from .fileio import atomic_write_text
@@ -75,23 +77,43 @@ def run_config(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                          "was not written by `sharpbench train`")
 
 
-def build_data(config: dict[str, Any], data_root: str | None, eval_batch_size: int | None):
-    dataset = dict(config["dataset"])
-    if data_root is not None:
-        dataset["root"] = data_root
+def recorded_source(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """Where training read the data: the checkpoint's ``data_source``, else metrics.json's."""
+    source = (checkpoint.get("hyper_parameters") or {}).get("data_source")
+    if source:
+        return dict(source)
+    record = run_dir / "metrics.json"
+    if record.is_file():
+        try:
+            return json.loads(record.read_text()).get("data_source")
+        except ValueError:
+            return None
+    return None
+
+
+def build_data(config: dict[str, Any], source: dict[str, Any] | None, root: str | None,
+               format: str | None, eval_batch_size: int | None):
+    dataset = dataset_for_evaluation(config["dataset"], source, root=root, format=format)
     if eval_batch_size is not None:
         dataset["eval_batch_size"] = int(eval_batch_size)
-    dataset["download"] = False  # evaluation never downloads: the data must be the run's
     data = CIFARDataModule(**dataset, seed=int(config["seed"]))
-    data.prepare_data()
-    data.setup("validate")
+    try:
+        data.prepare_data()
+        data.setup("validate")
+    except checks.config_errors() as err:
+        where = "at" if root is not None else "where training read them,"
+        raise DatasetUnavailableError(
+            f"the run's data were not found {where} {describe(dataset)}. {err} (On this "
+            "command, dataset.root= and dataset.format= say where they are now.)") from err
     return data
 
 
 def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str | None = None,
-             eval_batch_size: int | None = None, accelerator: str = "auto",
-             progress_bar: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint on the run's test set (and validation split); write and return eval.json."""
+             data_format: str | None = None, eval_batch_size: int | None = None,
+             accelerator: str = "auto", progress_bar: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint on the run's test set (and validation split); write and return
+    eval.json. ``data_root`` / ``data_format``: where the data are now, if not where training
+    read them."""
     import lightning as L
 
 
@@ -101,7 +123,8 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
         raise EvalInputError(f"{file} does not carry the model's configuration (written by an older "
                              "sharpbench): re-run training, or load its weights by hand")
     config = run_config(checkpoint, run_dir)
-    data = build_data(config, data_root, eval_batch_size)
+    data = build_data(config, recorded_source(checkpoint, run_dir), data_root, data_format,
+                      eval_batch_size)
     module = SharpnessModule.load_from_checkpoint(file, map_location="cpu", weights_only=False)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_bar,
@@ -117,6 +140,7 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
         "device": str(module.device), "precision": module.precision_name,
         "eval_time_s": time.time() - started,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "data_source": {"root": data.config.root, "format": data.config.format},
     }
     for split in ("test", "val"):
         res = module.eval_results.get(split)
@@ -169,8 +193,9 @@ def main() -> dict[str, Any] | None:
 def hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     quiet_libraries()
     try:
-        result = evaluate(cfg.ckpt, out=cfg.out, data_root=cfg.data_root,
-                          eval_batch_size=cfg.eval_batch_size, accelerator=str(cfg.accelerator),
+        result = evaluate(cfg.ckpt, out=cfg.out,
+                          data_root=cfg.dataset.root if cfg.dataset.root is not None else cfg.data_root,
+                          data_format=cfg.dataset.format, eval_batch_size=cfg.eval_batch_size, accelerator=str(cfg.accelerator),
                           progress_bar=bool(cfg.progress_bar))
     except checks.config_errors() as err:
         log.error("%s: %s", checks.failure_status(err).replace("_", " "), err)

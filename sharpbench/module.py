@@ -50,7 +50,8 @@ class SharpnessModule(L.LightningModule):
     **constructor kwargs}`` for :func:`sharpbench.models.build_model`) to build it here. Every
     argument but ``model`` and ``class_counts`` is saved in the checkpoint's hyperparameters, so
     with ``model_cfg`` given ``SharpnessModule.load_from_checkpoint(path)`` rebuilds the module;
-    ``run_config`` (the run's resolved config) travels with it for ``sharpbench eval``.
+    ``run_config`` (the run's identity) and ``data_source`` (where its data were read,
+    :mod:`sharpbench.data_location`) travel with it for ``sharpbench eval`` and ``analyze``.
     ``fisher_batch_size`` is accepted for checkpoints of earlier versions and unused: it is now
     SSAM-F's own hyperparameter (``optimizer.fisher_batch_size``)."""
 
@@ -60,7 +61,8 @@ class SharpnessModule(L.LightningModule):
                  class_counts: Tensor | None = None, fisher_batch_size: int | None = None,
                  sync_perturbation: bool = False, compile: bool = False,
                  model_cfg: Mapping[str, Any] | None = None,
-                 run_config: Mapping[str, Any] | None = None):
+                 run_config: Mapping[str, Any] | None = None,
+                 data_source: Mapping[str, Any] | None = None):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")

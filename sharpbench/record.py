@@ -34,6 +34,9 @@ from .fileio import atomic_write_text, json_text
 log = logging.getLogger("sharpbench")
 
 METRICS_FILE = "metrics.json"
+# The version of the record's layout, stamped on every record by ``write_record``: 2 added
+# ``record_version`` itself, ``data_source`` (where the data were read) and the machine's load.
+RECORD_VERSION = 2
 
 
 def fallback_dir() -> Path:
@@ -45,7 +48,7 @@ def write_record(run_dir: str | os.PathLike, record: dict[str, Any], name: str =
     """Write ``record`` to ``<run dir>/<name>`` atomically; when that fails (a full disk, a folder
     made read-only), to the fallback folder (``$SHARPBENCH_FALLBACK_DIR``, else the system's
     temporary folder), saying where. Returns where it went."""
-    text = json_text(record)
+    text = json_text({"record_version": RECORD_VERSION, **record})
     path = Path(run_dir) / name
     try:
         atomic_write_text(path, text)

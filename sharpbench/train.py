@@ -32,6 +32,7 @@ from .models import build_model
 from .lifecycle import LIFETIME
 from .module import DivergenceError, SharpnessModule
 from .record import RunTimer, build_record, config_hash, write_record
+from .data_location import data_source
 from .run_identity import identity
 from .run_logging import abort_loggers, finish_loggers, log_hyperparameters
 from .runtime import (AtomicCheckpointIO, DiskFull, LastCheckpoint, StopAtSafePoint, build_loggers,
@@ -108,8 +109,9 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
     precision = resolve_precision(cfg.trainer.precision)
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     channels_last = bool(cfg.trainer.get("channels_last", False)) and cuda
-    data = CIFARDataModule(**OmegaConf.to_container(cfg.dataset, resolve=True),
-                           seed=int(cfg.seed), channels_last=channels_last)
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    source = data_source(dataset)
+    data = CIFARDataModule(**dataset, seed=int(cfg.seed), channels_last=channels_last)
     data.prepare_data()
     data.setup("fit")
     checks.check_data(cfg, data)
@@ -129,7 +131,8 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         class_counts=data.train_class_counts,
         sync_perturbation=bool(cfg.trainer.get("sync_perturbation", False)),
         compile=bool(cfg.trainer.get("compile", False)),
-        model_cfg=model_cfg, run_config=ident)  # saved in checkpoints: load_from_checkpoint works
+        model_cfg=model_cfg, run_config=ident,  # saved in checkpoints: load_from_checkpoint works
+        data_source=source)  # where the data came from, beside the identity (eval, analyze)
 
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         console.announce_start(cfg, data, model, run_dir, on_gpu=cuda, precision=precision)
@@ -161,6 +164,7 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
                           status=status, overrides=overrides, config=ident, started_at=started,
                           error=error, segments=segments)
     record.update(group_accuracy(module, data))
+    record["data_source"] = source
     lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:
         if status == "completed":

@@ -125,9 +125,35 @@ def continued_by_other_code(segments: list[dict[str, Any]]) -> bool:
     return len({s.get("code_version") for s in segments}) > 1
 
 
+# A run's times measure the machine as much as the method when, at some point of its training,
+# the 1-minute load average exceeded this many times the machine's CPU count (a quiet machine
+# training on the CPU sits near 1x: the run's own threads).
+OVERLOAD_FACTOR = 1.5
+
+
+def load_average() -> float | None:
+    """The system's 1-minute load average (runnable and waiting tasks); None where unknown."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_load(samples: list[float]) -> dict[str, Any]:
+    """``load_avg_start``/``_end``/``_max`` of the 1-minute load average sampled at the start of
+    training, each epoch's end and the end, and ``overloaded`` (``OVERLOAD_FACTOR``)."""
+    if not samples:
+        return {"load_avg_start": None, "load_avg_end": None, "load_avg_max": None,
+                "overloaded": None}
+    cores = os.cpu_count() or 1
+    return {"load_avg_start": samples[0], "load_avg_end": samples[-1],
+            "load_avg_max": max(samples), "overloaded": max(samples) > OVERLOAD_FACTOR * cores}
+
+
 def hardware() -> dict[str, Any]:
     info = {"hostname": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -150,16 +176,22 @@ class RunTimer(L.Callback):
     ``fit`` is timed on its own (``eval_times``), the final ``trainer.test`` as ``test_time``.
     The device is synchronised only at these boundaries and at logging steps, never inside a
     training step. At every logging step the training time so far is logged as ``train/time_s``
-    (the x-axis of the report's curves against wall-clock time).
+    (the x-axis of the report's curves against wall-clock time). Beside the wall clock it keeps
+    the process's CPU time while training (``cpu_time``) and samples the machine's 1-minute load
+    average at the start, each epoch's end and the end (``load_samples``), so a record shows
+    when its times measured a busy machine rather than the method (``machine_load``).
     """
 
     def __init__(self) -> None:
         self.epoch_times: list[float] = []
         self.partial = 0.0
+        self.cpu_time = 0.0            # this process's CPU time while the training clock ran
+        self.load_samples: list[float] = []  # 1-minute load average: start, epoch ends, end
         self.eval_times: list[float] = []
         self.test_time: float | None = None
         self.images = 0
         self._t0: float | None = None
+        self._cpu0 = 0.0
         self._eval_t0: float | None = None
 
     # ------------------------------------------------------------------ the training clock
@@ -167,12 +199,25 @@ class RunTimer(L.Callback):
         if self._t0 is None:
             synchronize(pl_module.device)
             self._t0 = time.perf_counter()
+            self._cpu0 = time.process_time()
 
     def _pause(self, pl_module) -> None:
         if self._t0 is not None:
             synchronize(pl_module.device)
             self.partial += time.perf_counter() - self._t0
+            self.cpu_time += time.process_time() - self._cpu0
             self._t0 = None
+
+    def _sample_load(self) -> None:
+        load = load_average()
+        if load is not None:
+            self.load_samples.append(load)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._sample_load()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._sample_load()
 
     def train_seconds(self) -> float:
         """Training time so far: finished epochs, the current one, and the running segment."""
@@ -195,9 +240,11 @@ class RunTimer(L.Callback):
         self._pause(pl_module)
         self.epoch_times.append(self.partial)
         self.partial = 0.0
+        self._sample_load()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._pause(pl_module)  # a preempted or diverged run keeps the time it trained
+        self._sample_load()
 
     # ------------------------------------------------------------------ evaluation clocks
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -225,14 +272,18 @@ class RunTimer(L.Callback):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         running = time.perf_counter() - self._t0 if self._t0 is not None else 0.0
+        cpu = time.process_time() - self._cpu0 if self._t0 is not None else 0.0
         return {"epoch_times": list(self.epoch_times), "partial": self.partial + running,
-                "eval_times": list(self.eval_times), "images": self.images}
+                "eval_times": list(self.eval_times), "images": self.images,
+                "cpu_time": self.cpu_time + cpu, "load_samples": list(self.load_samples)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch_times = list(state.get("epoch_times", []))
         self.partial = float(state.get("partial", 0.0))
         self.eval_times = list(state.get("eval_times", []))
         self.images = int(state.get("images", 0))
+        self.cpu_time = float(state.get("cpu_time", 0.0))
+        self.load_samples = [float(x) for x in state.get("load_samples", [])]
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -285,6 +336,8 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
         "eval_times_s": timer.eval_times,
         "test_time_s": timer.test_time,
         "total_time_s": time.time() - started_at,
+        "cpu_time_s": timer.cpu_time,  # beside wall_time_s: CPU seconds this process got
+        **machine_load(timer.load_samples),
         "steps_per_epoch": steps_per_epoch(module),
         "log_every_n_steps": getattr(trainer, "log_every_n_steps", None),
         "images_per_s": timer.images / wall if wall > 0 else None,

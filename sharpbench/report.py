@@ -21,7 +21,10 @@ Conventions (docs/sweeps.md repeats them):
 - loss is the mean validation loss when every completed run of the row has one
   (``dataset.val_split`` > 0), else the mean test loss; the header and ``loss_split`` say which;
 - time is the mean training time per run (sum of its epochs' training time; evaluation is
-  timed apart, ``eval_time_s``); time vs SAM is 100 × that / the training time of SAM with the
+  timed apart, ``eval_time_s``) ± its sample std over the row's seeds; a time marked ``*`` (and
+  a vs SAM cell whose either row is) comes from runs of which at least one ran on an overloaded
+  machine (``overloaded`` in metrics.json: the 1-minute load average above 1.5 × the CPU count
+  at some point of training), so it measures the machine as much as the method; time vs SAM is 100 × that / the training time of SAM with the
   same other settings (same dataset, model, data and trainer settings, schedule; where several
   SAM rows qualify, the one with the same setting label, rho or lr); without such a SAM row there is no value, and a
   table without SAM has no such column;
@@ -63,6 +66,7 @@ SWEEPS_DIR = Path("outputs") / "sweeps"
 
 COMPLETED = "completed"
 OTHER_RECIPE = "other recipe"
+OVERLOADED_MARK = "*"  # a time measured on an overloaded machine
 STALE_TMP_AGE_S = 600  # a report's temporary file this old was left by a killed report
 
 
@@ -78,12 +82,13 @@ SETTING_FIRST = ("optimizer.rho", "optimizer.lr")
 SHORT_NAMES = {"trainer.max_epochs": "epochs", "dataset.batch_size": "batch"}
 FRONT_COLUMNS = ("status", "dataset", "method", "setting", "seed", "model", "test_acc", "test_loss",
                  "val_acc", "val_loss", "train_loss", "train_acc", "wall_time_s", "eval_time_s",
-                 "epoch_time_s", "images_per_s", "passes_per_step", "hvps_per_step",
+                 "cpu_time_s", "load_avg_max", "overloaded", "epoch_time_s", "images_per_s", "passes_per_step", "hvps_per_step",
                  "cost_per_step", "peak_mem_mb", "epochs", "epochs_completed", "steps", "batch_size", "lr", "rho",
                  "base_optimizer", "device", "precision", "paper_recipe", "duplicate_of",
                  "error", "overrides", "run_dir")
 NUMERIC_COLUMNS = ("seed", "test_acc", "test_loss", "val_acc", "val_loss", "train_loss",
-                   "train_acc", "wall_time_s", "eval_time_s", "epoch_time_s", "images_per_s",
+                   "train_acc", "wall_time_s", "eval_time_s", "cpu_time_s", "load_avg_max",
+                   "epoch_time_s", "images_per_s",
                    "passes_per_step", "hvps_per_step", "cost_per_step", "peak_mem_mb", "epochs",
                    "epochs_completed", "steps", "batch_size", "lr", "rho")
 INTEGER_COLUMNS = ("seed", "epochs", "epochs_completed", "steps", "batch_size")
@@ -332,7 +337,7 @@ def counted_runs(df: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the table
 TABLE_COLUMNS = ["dataset", "method", "setting", "n", "failed", "duplicates", "statuses",
                  "test_acc_mean", "test_acc_std", "loss_mean", "loss_split", "wall_time_s",
-                 "eval_time_s", "passes_per_step", "cost_per_step", "images_per_s", "peak_mem_mb",
+                 "wall_time_std", "overloaded", "eval_time_s", "passes_per_step", "cost_per_step", "images_per_s", "peak_mem_mb",
                  "lr", "rho", "paper_recipe", "paper_top1", "paper_loss", "paper_time_vs_sam_pct", "context"]
 
 
@@ -357,6 +362,10 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
             "loss_mean": done["val_loss" if has_val else "test_loss"].mean(),
             "loss_split": "val" if has_val else "test",
             "wall_time_s": done["wall_time_s"].mean(),
+            "wall_time_std": (done["wall_time_s"].std(ddof=1) if done["wall_time_s"].count() > 1
+                              else math.nan),
+            # runs timed on an overloaded machine (older records, which did not measure it: 0)
+            "overloaded": int((done["overloaded"] == True).sum()),  # noqa: E712 (None/NaN too)
             "eval_time_s": done["eval_time_s"].mean(),
             "passes_per_step": done["passes_per_step"].mean(),
             "cost_per_step": (done["cost_per_step"].mean() if "cost_per_step" in done
@@ -381,6 +390,9 @@ def table1(df: pd.DataFrame) -> pd.DataFrame:
                                 else math.nan for r, j in zip(table.itertuples(), refs)]
     table["time_vs_sam_of"] = [method_label("sam", table.at[j, "setting"]) if j is not None else ""
                                for j in refs]
+    table["time_vs_sam_overloaded"] = [bool(r.overloaded) or (j is not None and
+                                                              bool(table.at[j, "overloaded"]))
+                                       for r, j in zip(table.itertuples(), refs)]
     return sort_rows(table).reset_index(drop=True)
 
 
@@ -415,6 +427,21 @@ def fmt(value: Any, spec: str) -> str:
 
 def seconds(value: float) -> str:
     return fmt(value, ".0f" if not pd.isna(value) and value >= 100 else ".1f")
+
+
+def time_cell(row) -> str:
+    """"23.6 ± 9.9" (the spread over seeds), "*" when a run of the row ran on an overloaded machine."""
+    if pd.isna(row.wall_time_s):
+        return DASH
+    text = seconds(row.wall_time_s)
+    if not pd.isna(row.wall_time_std):
+        text += f" ± {seconds(row.wall_time_std)}"
+    return text + (OVERLOADED_MARK if row.overloaded else "")
+
+
+def time_vs_sam_cell(row) -> str:
+    text = fmt(row.time_vs_sam_pct, ".0f")
+    return text + (OVERLOADED_MARK if text != DASH and row.time_vs_sam_overloaded else "")
 
 
 def paper_cell(row, field: str, spec: str) -> str:
@@ -455,9 +482,9 @@ def block_columns(part: pd.DataFrame) -> list[tuple[str, Any]]:
     cols.append((f"{split} loss", lambda r: fmt(r.loss_mean, ".4f")))
     if recipe and part["paper_loss"].notna().any():
         cols.append((f"{reference.CITATION} loss", lambda r: paper_cell(r, "paper_loss", ".4f")))
-    cols.append(("time (s)", lambda r: seconds(r.wall_time_s)))
+    cols.append(("time (s)", time_cell))
     if part["time_vs_sam_pct"].notna().any():
-        cols.append(("vs SAM (%)", lambda r: fmt(r.time_vs_sam_pct, ".0f")))
+        cols.append(("vs SAM (%)", time_vs_sam_cell))
     if recipe and part["paper_time_vs_sam_pct"].notna().any():
         cols.append((f"{reference.CITATION} vs SAM",
                      lambda r: paper_cell(r, "paper_time_vs_sam_pct", ".0f")))
@@ -482,8 +509,14 @@ def notes(table: pd.DataFrame) -> list[str]:
     """What the headers mean, for the lines under the markdown tables."""
     lines = ["top-1: final-epoch test accuracy, mean ± sample std over n distinct seeds "
              "(— with one seed). loss: mean cross-entropy of the final model. time: training "
-             "time per run in seconds, evaluation excluded. passes: forward/backward passes per "
-             "optimizer step, counted."]
+             "time per run in seconds, evaluation excluded, mean ± sample std over the seeds. "
+             "passes: forward/backward passes per optimizer step, counted."]
+    if table["overloaded"].any():
+        lines.append(f"{OVERLOADED_MARK}: at least one run of the row (or of the SAM row it is "
+                     "timed against) ran on an overloaded machine (its 1-minute load average rose "
+                     "above 1.5 × the CPU count during training; load_avg_max and cpu_time_s in "
+                     "runs.csv): the time measures the machine as much as the method. Re-time on "
+                     "a quiet machine before comparing.")
     if table["cost_per_step"].notna().any():
         lines.append("cost: forward/backward passes per optimizer step with each Hessian-vector "
                      "product priced at its FLOPs (measured, about 2 passes on ResNet-18), so "

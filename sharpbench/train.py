@@ -197,7 +197,10 @@ def one_line_summary(r: dict[str, Any], run_dir: Path) -> str:
             f" | test acc {fmt(r.get('test_acc'), '.2f')}{'%' if r.get('test_acc') is not None else ''}"
             f" loss {fmt(r.get('test_loss'), '.4f')}"
             f" | {fmt(r.get('wall_time_s'), '.1f')} s train, {fmt(r.get('passes_per_step'), '.2f')} passes/step"
-            f" | {run_dir}/metrics.json")
+            f" | {run_dir}/metrics.json"
+            + (f"\n[sharpbench] the machine was overloaded while this run trained (1-minute load "
+               f"average up to {r['load_avg_max']:.1f} on {os.cpu_count()} CPUs): its times measure "
+               f"the machine as much as the method" if r.get("overloaded") else ""))
 
 
 def run_dir_of_hydra() -> Path:

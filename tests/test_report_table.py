@@ -181,3 +181,24 @@ def test_cost_per_step_column_prices_hessian_products():
     assert ("CIFAR-10", "passes") not in shown.columns  # cost replaces passes when recorded
     old = display_table(table1(runs_frame([run("sam", 0, 90.0)])))  # records without a cost
     assert old.loc["SAM", ("CIFAR-10", "passes")] == "2.00"
+
+
+def test_time_spread_over_seeds_and_overloaded_rows_are_shown():
+    """A time measured on an overloaded machine is marked, in its row and in the vs SAM cell
+    of rows timed against it; the spread over seeds stands beside the mean."""
+    records = [dict(run("sam", 0, 90.0, wall=20.0), overloaded=False),
+               dict(run("sam", 1, 90.0, wall=30.0), overloaded=True),
+               dict(run("sgd", 0, 90.0, wall=10.0, **{"optimizer.rho": None}), overloaded=False),
+               run("asam", 0, 90.0, wall=50.0)]  # an older record: load not measured
+    table = table1(runs_frame(records))
+    display = display_table(table)
+    cells = display["CIFAR-10"]
+    assert cells.loc["SAM", "time (s)"] == "25.0 ± 7.1*"
+    assert cells.loc["SGD", "time (s)"] == "10.0"
+    assert cells.loc["SGD", "vs SAM (%)"] == "40*"  # timed against the overloaded SAM row
+    assert cells.loc["ASAM", "time (s)"] == "50.0"
+    notes = report.notes(table)
+    assert any(line.startswith("*: at least one run") for line in notes)
+    quiet = table1(runs_frame([dict(r, overloaded=False) for r in records]))
+    assert not any(line.startswith("*:") for line in report.notes(quiet))
+    assert "*" not in "".join(display_table(quiet)["CIFAR-10"]["time (s)"])

@@ -100,3 +100,23 @@ def test_end_of_epoch_checkpoint_holds_that_epochs_values(tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["epoch_value"] == 1  # was 0: the epoch before
     timer_state = next(v for k, v in ckpt["callbacks"].items() if "RunTimer" in k)
     assert len(timer_state["epoch_times"]) == 2 and timer_state["partial"] == 0.0
+
+
+def test_machine_load_and_cpu_time_are_recorded_beside_wall_time(tmp_path, monkeypatch):
+    """The load average is sampled at the start, each epoch's end and the end; CPU time is the
+    process's while the training clock ran (sleeping costs wall time, not CPU time)."""
+    from sharpbench import record
+    loads = iter([0.5, 1.0, 7.0, 2.0, 9.9])
+    monkeypatch.setattr(record, "load_average", lambda: next(loads))
+    timer, _ = fit(KnownCost(), tmp_path)
+    assert timer.load_samples == [0.5, 1.0, 7.0, 2.0]  # start, 2 epoch ends, end
+    assert 0 <= timer.cpu_time < 0.5 * timer.train_seconds()  # the training steps sleep
+    state = timer.state_dict()
+    again = RunTimer()
+    again.load_state_dict(state)  # a resumed run keeps both
+    assert again.load_samples == timer.load_samples and again.cpu_time == state["cpu_time"]
+    monkeypatch.setattr(record.os, "cpu_count", lambda: 4)
+    assert record.machine_load(timer.load_samples) == {
+        "load_avg_start": 0.5, "load_avg_end": 2.0, "load_avg_max": 7.0, "overloaded": True}
+    assert not record.machine_load([3.9, 6.0])["overloaded"]  # 6 <= 1.5 x 4
+    assert record.machine_load([])["overloaded"] is None  # not measured (no load average here)

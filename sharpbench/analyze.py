@@ -25,13 +25,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from .command_configs import MEASURES, AnalyzeConfig, Measure  # registers the typed config with Hydra
 from .fileio import atomic_write_text
+from .typed_config import check_command, problems, render_help, with_defaults
 from .data import CIFARDataModule, DataConfigError
 from .data_location import dataset_for_evaluation, describe
 from .models import build_model
@@ -45,7 +48,6 @@ from .sharpness.landscape import load_surface, save_line, save_surface
 
 log = logging.getLogger("sharpbench.analyze")
 
-MEASURES = ("eigen", "trace", "density", "sharpness", "landscape", "line")
 RESULT_FILE = "sharpness.json"
 FIGURE_DIR = "sharpness"
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -185,6 +187,7 @@ def measure_density(model, loss_fn, batches, c, out_dir: Path, eigenvalues=(), r
 def measure_sharpness(model, loss_fn, batches, c, batch_size: int) -> dict[str, Any]:
     out = {}
     for name, spec in c.measures.items():
+        spec = SimpleNamespace(**with_defaults(spec, Measure))  # keys left out: Measure's defaults
         r = sharpness(model, loss_fn, batches, rho=float(spec.rho), kind=str(spec.kind), norm=str(spec.norm),
                       adaptive=bool(spec.adaptive), m=c.m, steps=int(c.steps), n_samples=int(c.n_samples),
                       batch_size=batch_size)
@@ -332,6 +335,13 @@ def compare_runs(runs: list[Path], out_dir: Path) -> list[Path]:
 
 
 def analyze(cfg: DictConfig) -> list[Path]:
+    bad = problems(cfg, AnalyzeConfig)
+    m, size = cfg.sharpness.m, int(cfg.subset.size)
+    if "sharpness" in parse_what(cfg.what) and m is not None and int(m) > size:
+        bad.append(f"sharpness.m={m} is more than the subset.size={size} images measured: set "
+                   f"sharpness.m to at most {size} (or null: all at once), or raise subset.size")
+    if bad:
+        raise AnalyzeError("; ".join(bad))
     root = Path(str(cfg.run_dir)).expanduser()
     if not root.is_dir():
         raise AnalyzeError(f"run_dir={root}: no such folder")
@@ -358,14 +368,14 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 def hydra_argv(argv: list[str]) -> list[str]:
     """``<dir>`` (first argument: an existing path, or one without "=") → ``run_dir='<dir>'``; ``what=a,b`` → ``what=[a,b]`` (Hydra
-    would read an unbracketed comma list as a sweep)."""
+    would read an unbracketed comma list as a sweep; one name is a list of one)."""
     out = []
     for i, arg in enumerate(argv):
         if i == 0 and not arg.startswith("-") and ("=" not in arg or Path(arg).exists()):
             # quoted: sweep job folders are named by their overrides ("optimizer=sam,seed=0")
             quote = "'" if "'" not in arg else '"'
             arg = f"run_dir={quote}{arg}{quote}"
-        elif arg.startswith("what=") and "," in arg and not arg[5:].startswith("["):
+        elif arg.startswith("what=") and not arg[5:].startswith("["):
             arg = f"what=[{arg[5:]}]"
         out.append(arg)
     return out
@@ -384,13 +394,26 @@ def _hydra_main() -> None:
     entry()
 
 
+def help_text() -> str:
+    return render_help(AnalyzeConfig, [
+        "sharpbench analyze: sharpness diagnostics of finished runs.", "",
+        "  sharpbench analyze <run folder | sweep folder> [what=eigen,trace,...] [key=value ...]",
+        "  (also python -m sharpbench.analyze ...)", "",
+        "Writes <run>/sharpness.json and figures in <run>/sharpness/; on a sweep folder, also",
+        "side-by-side landscapes and lambda_max histories in <sweep>/sharpness/ (docs/analysis.md)."])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: ``python -m sharpbench.analyze <run dir> [overrides]``."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in ("-h", "--help"):
-        print(__doc__)
+    if any(a in ("-h", "--help") for a in args):
+        print(help_text())
         return
     sys.argv = [sys.argv[0]] + hydra_argv(args)
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if (problem := check_command("analyze", overrides, AnalyzeConfig, "analyze")) is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

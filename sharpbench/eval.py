@@ -22,6 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks
+from .command_configs import EvalConfig  # registers the typed config with Hydra
+from .typed_config import check_command, problems, render_help
 from .console import quiet_libraries
 from .data import CIFARDataModule, DatasetUnavailableError
 from .data_location import dataset_for_evaluation, describe
@@ -183,9 +185,25 @@ def positional_ckpt(argv: list[str]) -> list[str]:
     return out
 
 
+def help_text() -> str:
+    return render_help(EvalConfig, [
+        "sharpbench eval: evaluate a trained run on its test set (and validation split).", "",
+        "  sharpbench eval <run folder | sweep job folder | .ckpt file> [key=value ...]",
+        "  (also python -m sharpbench.eval ..., or ckpt=<path>)", "",
+        "Rebuilds the model from the checkpoint and the data from the run's record (where",
+        "training read them), and writes eval.json into the run folder (docs/outputs.md)."])
+
+
 def main() -> dict[str, Any] | None:
     """``sharpbench eval <run folder or .ckpt> [key=value ...]`` (or ``ckpt=<path>``)."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(help_text())
+        return None
     sys.argv = [sys.argv[0], *positional_ckpt(sys.argv[1:])]
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if (problem := check_command("eval", overrides, EvalConfig, "eval")) is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
     return hydra_main()
 
 
@@ -193,6 +211,8 @@ def main() -> dict[str, Any] | None:
 def hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     quiet_libraries()
     try:
+        if bad := problems(cfg, EvalConfig):
+            raise EvalInputError("; ".join(bad))
         result = evaluate(cfg.ckpt, out=cfg.out,
                           data_root=cfg.dataset.root if cfg.dataset.root is not None else cfg.data_root,
                           data_format=cfg.dataset.format, eval_batch_size=cfg.eval_batch_size, accelerator=str(cfg.accelerator),

@@ -74,7 +74,7 @@ def test_analyze_writes_results_and_figures(smoke_run, monkeypatch):
     assert surface.loss.shape == (3, 3) and surface.loss[1, 1] == pytest.approx(result["landscape"]["center_loss"])
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == ckpt
     # a later partial analysis keeps the earlier results
-    an.analyze(analyze_cfg(run_dir, "what=trace", "trace.n_samples=3"))
+    an.analyze(analyze_cfg(run_dir, "what=[trace]", "trace.n_samples=3"))
     again = json.loads((run_dir / "sharpness.json").read_text())
     assert again["trace"]["n_samples"] == 3 and again["eigen"] == result["eigen"]
 

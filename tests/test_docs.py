@@ -23,11 +23,11 @@ def rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
-def between_markers(path: Path) -> str:
+def between_markers(path: Path, begin: str = BEGIN, end: str = END) -> str:
     text = path.read_text(encoding="utf-8")
-    assert text.count(BEGIN) == 1 and text.count(END) == 1, \
-        f"{rel(path)}: expected one {BEGIN} and one {END} line"
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n")
+    assert text.count(begin) == 1 and text.count(end) == 1, \
+        f"{rel(path)}: expected one {begin} and one {end} line"
+    return text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
 
 
 @pytest.mark.parametrize("path", [README, DOCS / "methods.md"], ids=rel)
@@ -35,6 +35,19 @@ def test_method_table_is_the_registrys(path):
     assert between_markers(path) == registry.method_table(), (
         f"{rel(path)}: the method table differs from the registry's; paste the output of "
         f"`sharpbench methods --markdown` between the {BEGIN} and {END} lines")
+
+
+@pytest.mark.parametrize("name,page", [("EvalConfig", "outputs.md"), ("AnalyzeConfig", "analysis.md")])
+def test_command_key_tables_are_the_typed_configs(name, page):
+    """The docs' key tables of eval and analyze are generated from their typed configs."""
+    from sharpbench import command_configs
+    from sharpbench.typed_config import markdown_table
+    marker = name.removesuffix("Config").lower()
+    begin, end = f"<!-- {marker}-keys:begin -->", f"<!-- {marker}-keys:end -->"
+    assert between_markers(DOCS / page, begin, end) == markdown_table(getattr(command_configs, name)), (
+        f"docs/{page}: the key table differs from {name}; paste the output of python -c "
+        f"'from sharpbench.command_configs import {name}; from sharpbench.typed_config import "
+        f"markdown_table; print(markdown_table({name}))' between the {begin} and {end} lines")
 
 
 def test_readme_is_short():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,8 +62,69 @@ def entry_point(hydra_main: Callable[..., Any]) -> Callable[..., Any]:
             except Refused as err:
                 print(str(err), file=sys.stderr)
                 sys.exit(2)
+            except Exception as err:  # noqa: BLE001 - a config file edited into invalid YAML
+                message = invalid_yaml_message(err)
+                if message is None:
+                    raise
+                log_refusal(refusal_folder(overrides, multirun), overrides, [(overrides, message)])
+                print(message, file=sys.stderr)
+                sys.exit(2)
+            settled = read_only_folder(overrides, multirun)
+            if settled is not None:
+                return settled
         return hydra_main(*args, **kwargs)
     return run
+
+
+def unwritable(folder: Path) -> bool:
+    """Whether ``folder`` (or, while it does not exist, its nearest existing parent) cannot be
+    written: permissions, or a read-only filesystem (which refuses root too)."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return not os.access(probe, os.W_OK)
+
+
+def read_only_folder(overrides: list[str], multirun: bool) -> Any:
+    """Before Hydra writes into the run (or sweep) folder: a read-only one ends the command here,
+    with the run's completed record when it is this config's (skipped, exit 0), else with a
+    message that says where to write instead (exit 2). ``None``: the folder can be written."""
+    cfg = compose([o for o in overrides if not multirun or "," not in o.partition("=")[2]])
+    folder = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    if not unwritable(folder):
+        return None
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if not multirun and folder.is_dir():
+        from .runtime import settle
+        from .checks import config_errors
+        try:
+            settled = settle(without_hydra(cfg), folder)
+        except config_errors() as err:  # another configuration's run: its own refusal
+            print(f"invalid config: {err}", file=sys.stderr)
+            sys.exit(2)
+        if settled.skip is not None:
+            print(f"[sharpbench] skipping {folder}: already completed (metrics.json, same config; "
+                  "the folder is read-only)", file=sys.stderr)
+            return settled.skip
+    print(f"invalid config: {folder} is read-only (or on a read-only filesystem), so the "
+          f"{'sweep' if multirun else 'run'} cannot write its log, checkpoints and record there. Write elsewhere with "
+          f"{key}=<a writable folder>, or make it writable; nothing was run.", file=sys.stderr)
+    sys.exit(2)
+
+
+def invalid_yaml_message(err: BaseException) -> str | None:
+    """One paragraph for a config file that is not valid YAML (``None`` for other errors)."""
+    import yaml
+    while err is not None and not isinstance(err, yaml.YAMLError):
+        err = err.__cause__ or err.__context__
+    if err is None:
+        return None
+    marks = [m for m in (getattr(err, "context_mark", None), getattr(err, "problem_mark", None)) if m]
+    where = marks[0].name if marks else "a config file"
+    lines = " to ".join(f"line {m.line + 1}, column {m.column + 1}" for m in marks)
+    what = " ".join(x for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return (f"invalid config: {where} is not valid YAML ({lines}: {what or err}). Fix that file "
+            "(`git diff` shows what changed in the package's own configs); nothing was run.")
 
 
 def parse_argv(argv: list[str]) -> tuple[list[str], bool] | None:
@@ -197,6 +259,16 @@ def run_parent(overrides: list[str]) -> Path | None:
     try:
         cfg = compose([o for o in overrides if o.lstrip("+~").startswith("hydra.")])
         return Path(str(cfg.hydra.run.dir)).parent
+    except Exception:  # noqa: BLE001 - logging the refusal is a courtesy
+        return None
+
+
+def refusal_folder(overrides: list[str], multirun: bool) -> Path | None:
+    """Where a refusal that no job's config could be composed for is logged: the sweep folder,
+    or the folder that holds the run folders (from the ``hydra.*`` overrides alone)."""
+    try:
+        cfg = compose([o for o in overrides if o.lstrip("+~").startswith("hydra.")])
+        return Path(str(cfg.hydra.sweep.dir)) if multirun else Path(str(cfg.hydra.run.dir)).parent
     except Exception:  # noqa: BLE001 - logging the refusal is a courtesy
         return None
 

@@ -48,7 +48,8 @@ def write_record(run_dir: str | os.PathLike, record: dict[str, Any], name: str =
     """Write ``record`` to ``<run dir>/<name>`` atomically; when that fails (a full disk, a folder
     made read-only), to the fallback folder (``$SHARPBENCH_FALLBACK_DIR``, else the system's
     temporary folder), saying where. Returns where it went."""
-    text = json_text({"record_version": RECORD_VERSION, **record})
+    record.setdefault("record_version", RECORD_VERSION)  # the caller's dict says it too
+    text = json_text(record)
     path = Path(run_dir) / name
     try:
         atomic_write_text(path, text)

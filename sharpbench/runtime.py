@@ -329,8 +329,7 @@ def resolve_ckpt_path(value: Any, run_dir: Path) -> tuple[str | None, dict | Non
                      "earlier run, point hydra.run.dir at that run's folder)", last)
             return None, None
         path, checkpoint = load_resumable(candidates)
-        log.info("resuming from %s (step %s)", path, checkpoint.get("global_step"))
-        return str(path), checkpoint
+        return str(path), checkpoint  # "resuming from" is said once the folder is claimed
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise ConfigError(f"ckpt_path={value}: no such file. Give the path of a .ckpt file, or "

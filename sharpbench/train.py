@@ -105,6 +105,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
 def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> dict[str, Any]:
     run_dir, ident, ckpt_path = settled.run_dir, settled.identity, settled.ckpt_path
+    if ckpt_path is not None:  # said only now that the folder is this process's
+        log.info("resuming from %s (step %s)", ckpt_path, settled.resume_step)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     precision = resolve_precision(cfg.trainer.precision)
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")

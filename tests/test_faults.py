@@ -558,6 +558,31 @@ def test_a_second_process_through_the_cli(held):
     assert not (run / "metrics.json").exists()
 
 
+def test_a_busy_folder_with_a_checkpoint_does_not_say_resuming(tmp_path):
+    """The second process is refused before it says "resuming from": only the process that
+    holds the folder resumes it."""
+    run = tmp_path / "run"
+    train(cfg("ckpt_path=last"), run)
+    (run / "metrics.json").unlink()  # as if stopped after its last checkpoint
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = subprocess.run([sys.executable, "-m", "sharpbench.train", *BASE, "ckpt_path=last",
+                              f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and f"in use by process {holder.pid}" in text, text[-2000:]
+    assert "resuming from" not in text
+    out = subprocess.run([sys.executable, "-m", "sharpbench.train", *BASE, "ckpt_path=last",
+                          f"hydra.run.dir={run}"], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "resuming from" in out.stdout + out.stderr, out.stderr[-2000:]
+
+
 def test_the_lock_is_released_at_exit(tmp_path):
     with lifecycle.RunFolderLock(tmp_path):
         pass

@@ -7,7 +7,7 @@ CONSTRAINTS ?= requirements/constraints.txt
 # PyTorch's CPU-only wheels (Linux/Windows; PyPI's Linux torch pulls the CUDA libraries, ~6 GB)
 CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-cpu test test-slow train eval smoke table1 table1-full table1-smoke report bench clean
+.PHONY: install install-cpu test test-quick test-slow train eval smoke table1 table1-full table1-smoke report bench clean
 
 install:  ## create .venv; install sharpbench (editable, dev extras) at the verified versions
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ install-cpu:  ## the same without the CUDA libraries: torch/torchvision from PyT
 
 test:  ## the default test suite (CPU, minutes)
 	$(BIN)/python -m pytest -q
+
+test-quick:  ## the default suite without the end-to-end tests (day-to-day work)
+	$(BIN)/python -m pytest -q -m 'not slow and not e2e'
 
 test-slow:  ## the slow tests (real data, longer training)
 	$(BIN)/python -m pytest -q -m slow

@@ -21,6 +21,7 @@ def sharpbench(*args, cwd):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command,cls", [("eval", EvalConfig), ("analyze", AnalyzeConfig)])
 def test_help_lists_every_key_with_its_meaning(command, cls, tmp_path):
     out = sharpbench(command, "--help", cwd=tmp_path)
@@ -48,6 +49,7 @@ def test_bad_values_and_keys_are_refused_with_what_they_accept(command, cls, ove
     assert check_command(command, [target], cls, command) is None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", ["eval", "analyze"])
 def test_a_refused_command_exits_2_without_a_traceback_or_a_folder(command, tmp_path):
     out = sharpbench(command, str(tmp_path), "eigen.k=0" if command == "analyze" else "eval_batch_size=0",

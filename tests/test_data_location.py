@@ -15,6 +15,8 @@ from sharpbench.record import RECORD_VERSION
 from sharpbench.run_identity import identity_hash, strip
 from cifar_fixtures import write_image_folder
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
 ENV.pop("SHARPBENCH_DATA", None)

@@ -12,6 +12,8 @@ from sharpbench.module import all_reduce_mean
 from sharpbench.optim import SAM
 from sharpbench.optim.context import StepContext
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 
 def test_perturbation_is_local_and_base_step_uses_reduced_gradients():
     torch.manual_seed(0)

@@ -27,6 +27,8 @@ from sharpbench.checks import ConfigError
 from sharpbench.run_identity import CHECKPOINT_KEY, IdentityMismatch
 from sharpbench.train import train, write_failure
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "sharpbench" / "conf")
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")

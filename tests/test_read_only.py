@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))
 TINY = ["experiment=smoke", "trainer.max_epochs=1", "dataset.train_subset=128",

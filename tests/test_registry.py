@@ -91,6 +91,7 @@ SMOKE = ["experiment=smoke", "trainer.max_epochs=1", "dataset.train_subset=128",
          "dataset.test_subset=64", "trainer.enable_progress_bar=false", "logger=none"]
 
 
+@pytest.mark.e2e
 def test_a_copied_method_file_and_yaml_train_with_no_other_edit(tmp_path):
     """The contract: copy sam.py to a new file with the class and registered name changed, plus a
     copied YAML with the new name; it trains, records its name and appears in the report."""
@@ -121,6 +122,7 @@ def test_a_copied_method_file_and_yaml_train_with_no_other_edit(tmp_path):
     assert "dummy_sam" in res.stdout and "DummySAM" in res.stdout
 
 
+@pytest.mark.e2e
 def test_a_method_in_the_users_own_package_is_found(tmp_path):
     """A user's module named in SHARPBENCH_METHODS registers its method; its YAML comes through
     Hydra's search path."""

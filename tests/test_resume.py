@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["experiment=smoke", "trainer.max_epochs=2", "dataset.train_subset=512",
         "dataset.test_subset=256", "dataset.batch_size=32", "trainer.deterministic=true",

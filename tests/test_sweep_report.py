@@ -17,6 +17,8 @@ from sharpbench import ddp_launch, gpu_pool
 from sharpbench.report import (collect_runs, display_table, runs_frame, table1, to_latex,
                                to_markdown, write_report)
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 PAPER_LABEL = "Feldman 2025"
 RECIPE = {"seed": 0, "label_smoothing": 0.1, "model": {"name": "resnet18"},
           "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05},

@@ -25,6 +25,8 @@ from sharpbench.fileio import atomic_write_text
 from sharpbench.schedule import ScheduleConfigError, check_schedule, lr_multiplier
 from sharpbench.sweep_dirs import job_dir_name, register_resolver
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "sharpbench" / "conf")
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline", PYTHONPATH=str(ROOT))

@@ -60,6 +60,7 @@ def test_mixed_precision_trains(compose_cfg, tmp_path, precision):
     assert losses[-4:].mean() < losses[:4].mean()
 
 
+@pytest.mark.e2e
 def test_cli_runs_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     cmd = [sys.executable, "-m", "sharpbench.train", "experiment=smoke", "optimizer=sam",

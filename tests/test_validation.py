@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # runs sharpbench end to end (make test-quick leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,6 +84,8 @@ class ProcessLifetime:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
         self._installed = 0
+        self._watching_parent = False
+        self.parent_gone = False  # set by ``watch_parent``: the launcher of this sweep job died
 
     # installation ---------------------------------------------------------------------------
     def install(self, phase: str = "startup") -> "ProcessLifetime":
@@ -193,6 +196,26 @@ class ProcessLifetime:
             log.info("passing %s on to the handler installed before sharpbench's (%s)",
                      signal.Signals(self.signum).name, getattr(previous, "__qualname__", previous))
             previous(self.signum, None)
+
+    def watch_parent(self, interval_s: float = 1.0) -> None:
+        """In a sweep's worker process (the joblib launcher's): when the process that started
+        it is gone (the launcher killed, even by SIGKILL), stop this job as SIGTERM would, at a
+        safe point with a checkpoint, a record and its resume command, instead of training on
+        with no one to collect it; the worker then exits (``parent_gone``). Once per process."""
+        if self._watching_parent:
+            return
+        self._watching_parent = True
+        parent = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(interval_s)
+            log.warning("the process that launched this sweep job (%d) is gone: stopping the job",
+                        parent)
+            self.parent_gone = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="sharpbench-launcher-watch", daemon=True).start()
 
     def exit_if_stopped_early(self) -> None:
         """``python -m sharpbench.train``: a signal during the start-up imports ends the process

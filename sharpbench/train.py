@@ -215,9 +215,10 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-@preflight.entry_point  # --help from the schema; a command with bad settings refused, exit 2
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> dict[str, Any] | None:
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """The Hydra task: one run (one job of a sweep). ``main`` is its command. A launcher that
+    runs jobs in other processes (joblib) pickles this function by reference, so a job there
+    shares this module's state (the one signal handler) instead of a pickled copy of it."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -230,6 +231,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     if multirun:  # local_parallel: this worker's GPU from sweep.gpu_pool, before CUDA starts
         pin_gpu_for_this_process(sweep.get("gpu_pool"), HydraConfig.get().sweep.dir,
                                  sweep.get("jobs_per_gpu", 1))
+        if "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower():
+            LIFETIME.watch_parent()  # a killed launcher stops its workers' jobs, recorded
     try:
         LIFETIME.stop_here()
         with sweep_job_scope():  # DDP ranks run this job only; env + process group restored after
@@ -276,12 +279,20 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
+# --help from the schema; a command with bad settings refused (exit 2) before Hydra runs it
+main = preflight.entry_point(
+    hydra.main(config_path="conf", config_name="train", version_base="1.3")(run))
+
+
 def exit_after_signal(signum: int) -> None:
     """Exit after a signal, the record written: first the handler that was there before ours
     (submitit's requeue under SLURM), then ``128 + signal``."""
     LIFETIME.phase = "finish"
     LIFETIME.pass_on()
     LIFETIME.ignore_further()  # the record is written: nothing may change the exit code
+    if LIFETIME.parent_gone:  # a sweep worker whose launcher was killed: no one to return to
+        logging.shutdown()
+        os._exit(lifecycle.exit_code_of_signal(signum))
     sys.exit(lifecycle.exit_code_of_signal(signum))
 
 
@@ -308,4 +319,8 @@ def write_failure(cfg: DictConfig, run_dir: Path, status: str, error: str) -> Pa
 
 
 if __name__ == "__main__":
-    main()
+    # Run the command through the module imported under its own name: a launcher that runs jobs
+    # in other processes then pickles ``sharpbench.train.run`` by reference (from ``__main__`` it
+    # would pickle a copy of the function and of this module's state).
+    from sharpbench.train import main as _main
+    _main()

@@ -718,3 +718,42 @@ def test_home_in_dataset_root_is_expanded_for_reading_and_cache(tmp_path, monkey
     data.setup("fit")
     assert (tmp_path / "home" / "x" / ".sharpbench_cache").is_dir()
     assert not (tmp_path / "~").exists()
+
+
+# ----------------------------------------------------------------------- a killed sweep launcher
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+def test_killing_the_joblib_launcher_stops_its_workers_with_records(tmp_path):
+    """kill -9 of a local_parallel sweep's launcher: each worker stops its job at a safe point
+    (checkpoint, record with the resume command) and exits, instead of training on unwatched."""
+    sweep = tmp_path / "sweep"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "sharpbench.train", "-m", "hydra/launcher=local_parallel",
+         "hydra.launcher.n_jobs=2", "experiment=smoke", "trainer.max_epochs=500",
+         "trainer.enable_progress_bar=false", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2:
+            assert time.time() < deadline and launcher.poll() is None, "the jobs did not start"
+            time.sleep(0.5)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)],
+                                                  capture_output=True, text=True).stdout.split()]
+        assert workers
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.time() + 60
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not any(alive(p) for p in workers), "workers outlived their launcher"
+    for job in sorted(sweep.glob("seed=*")):
+        rec = json.loads((job / "metrics.json").read_text())
+        assert rec["status"] == "preempted" and "ckpt_path=last" in rec["resume_command"], rec
+        assert 0 < rec["epochs_completed"] < 500

@@ -89,8 +89,14 @@ def read_only_folder(overrides: list[str], multirun: bool) -> Any:
     """Before Hydra writes into the run (or sweep) folder: a read-only one ends the command here,
     with the run's completed record when it is this config's (skipped, exit 0), else with a
     message that says where to write instead (exit 2). ``None``: the folder can be written."""
-    cfg = compose([o for o in overrides if not multirun or "," not in o.partition("=")[2]])
-    folder = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    try:  # a sweep's fixed part (its lists, ranges and globs need the sweeper)
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        parser = OverridesParser.create()
+        fixed = [o for o in overrides if not (multirun and parser.parse_override(o).is_sweep_override())]
+        cfg = compose(fixed)
+        folder = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    except Exception:  # noqa: BLE001 - what cannot be composed here, Hydra reports itself
+        return None
     if not unwritable(folder):
         return None
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
@@ -106,8 +112,9 @@ def read_only_folder(overrides: list[str], multirun: bool) -> Any:
             print(f"[sharpbench] skipping {folder}: already completed (metrics.json, same config; "
                   "the folder is read-only)", file=sys.stderr)
             return settled.skip
-    print(f"invalid config: {folder} is read-only (or on a read-only filesystem), so the "
-          f"{'sweep' if multirun else 'run'} cannot write its log, checkpoints and record there. Write elsewhere with "
+    what = "sweep" if multirun else "run"
+    print(f"invalid config: {folder} is read-only (or on a read-only filesystem), so the {what} "
+          f"cannot write its log, checkpoints and record there. Write elsewhere with "
           f"{key}=<a writable folder>, or make it writable; nothing was run.", file=sys.stderr)
     sys.exit(2)
 

@@ -611,3 +611,25 @@ def render_help(cfg: Mapping, choices: Mapping[str, str] | None = None) -> str:
     lines += ["", "Hydra's own options: -m/--multirun (a sweep), --cfg job|hydra|all (print the "
               "config), --resolve, --info, --hydra-help."]
     return "\n".join(lines) + "\n"
+
+
+def key_reference() -> str:
+    """Every key of the training config as Markdown tables, top level first, then each group
+    (docs/configuration.md holds this text; ``tests/test_docs.py`` fails when they differ)."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+    def table(keys: Mapping[str, Key]) -> list[str]:
+        out = ["| key | accepts | meaning |", "|---|---|---|"]
+        for name, key in keys.items():
+            option, _, short = name.rpartition(".")
+            where = [f"{option} only"] if option else []
+            where += [f"options: {', '.join(key.options)}"] if key.options else []
+            note = f" ({'; '.join(where)})" if where else ""
+            out.append(f"| `{short}` | {cell(key.spec)} | {cell(key.meaning)}{cell(note)} |")
+        return out
+
+    lines = ["### top level", "", *table(TOP)]
+    for group in ("optimizer", "model", "dataset", "schedule", "trainer", "logger", "monitor", "sweep"):
+        lines += ["", f"### {group}", "", *table(GROUPS[group].keys)]
+    return "\n".join(lines)

@@ -50,6 +50,16 @@ def test_command_key_tables_are_the_typed_configs(name, page):
         f"markdown_table; print(markdown_table({name}))' between the {begin} and {end} lines")
 
 
+def test_configuration_key_tables_are_the_schemas():
+    """docs/configuration.md's key tables are generated from the schema --help prints."""
+    from sharpbench.schema import key_reference
+    begin, end = "<!-- keys:begin -->", "<!-- keys:end -->"
+    assert between_markers(DOCS / "configuration.md", begin, end) == key_reference(), (
+        "docs/configuration.md: the key tables differ from the schema; paste the output of "
+        "python -c 'from sharpbench.schema import key_reference; print(key_reference())' "
+        f"between the {begin} and {end} lines")
+
+
 def test_readme_is_short():
     lines = README.read_text(encoding="utf-8").count("\n")
     assert lines <= MAX_README_LINES, (

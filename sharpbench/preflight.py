@@ -366,6 +366,18 @@ def explain(text: str, err: BaseException, cfg: Any) -> str:
         return (f"{text}: {key} already exists, so + cannot add it; set it without the +. "
                 f"Example: {text.lstrip('+')}.")
     group, _, name = key.partition(".")
+    if exists and group in schema.GROUPS and "." not in name and OmegaConf.is_dict(cfg.get(group)):
+        # a typed config's key (sharpbench.train_configs): Hydra refused the value's type
+        from .checks import value_message
+        node = OmegaConf.to_container(cfg[group], resolve=False)
+        option = schema.option_of(group, node)
+        spec = schema.accepted_keys(group, node).get(name)
+        if spec is not None and override.is_delete():
+            example = format_value(schema.example_value(group, option, name, spec))
+            return (f"{key} is missing: a key of a typed config cannot be removed ({key} accepts "
+                    f"{spec.spec}: {spec.meaning}); set it instead, e.g. {key}={example}.")
+        if spec is not None:
+            return value_message(group, name, value, spec, spec.problem(value) or "type", option)
     if not exists and not override.is_delete():
         if not name:
             accepted = {**schema.TOP, **{g: schema.Key("dict", "config group") for g in schema.GROUPS}}

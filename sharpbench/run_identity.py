@@ -51,10 +51,15 @@ def override_dirname_exclusions(train_yaml: Mapping[str, Any]) -> list[str]:
     an override's key exactly): each key of NOT_RUN_DEFINING, and the keys below those that are
     mappings in ``train_yaml``; ``hydra.*`` overrides never name a job's folder anyway."""
     out = []
+    from dataclasses import fields
+    from .train_configs import MonitorConfig, SweepConfig
+    typed = {"monitor": MonitorConfig, "sweep": SweepConfig}  # their keys: the typed configs'
     for key in NOT_RUN_DEFINING + NOT_IN_FOLDER_NAMES:
         if key == "hydra":
             continue
         value = train_yaml.get(key)
+        if value is None and key in typed:
+            value = {f.name: None for f in fields(typed[key])}
         if isinstance(value, Mapping):
             out += [f"{key}.{child}" for child in value]
         else:

@@ -1,8 +1,11 @@
 """The typed schema of the whole config: every key of every group, what it accepts, what it means.
 
-One key is one line, ``"max_epochs": Key("int >= 1", "epochs to train")``. The YAML files under
-``conf/`` hold the defaults; this module says which keys exist and what values they take, and
-:mod:`sharpbench.checks` applies it (plus the rules that relate several keys) before anything runs.
+One key is one line, ``"lr": Key("float > 0", "learning rate ...")``. The YAML files under
+``conf/`` hold the defaults, except for the typed configs of :mod:`sharpbench.train_configs`
+(the trainer group, ``monitor``, ``sweep``), which hold their keys' defaults, specs and meanings
+and from which this module's tables of those keys are derived (``keys_of``). This module says
+which keys exist and what values they take, and :mod:`sharpbench.checks` applies it (plus the
+rules that relate several keys) before anything runs.
 
 Accepted values are written in a small language, alternatives joined by `` | ``:
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .optim.registry import names as registered_methods
+from .train_configs import MonitorConfig, SweepConfig, TrainerConfig
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -180,38 +184,15 @@ TOP = {
     "rho_by_method": Key("dict", "experiment=table1_full: rho per method (null: the method has no radius)"),
 }
 
-SWEEP = {
-    "gpu_pool": Key("null | list[any] | str", "hydra/launcher=local_parallel: GPU ids (or \"0,1\" groups) the workers share, e.g. [0,1,2,3]"),
-    "jobs_per_gpu": Key("int >= 1", "workers per GPU of gpu_pool (set hydra.launcher.n_jobs = len(gpu_pool) x jobs_per_gpu)"),
-    "objective": Key("null | str", "metrics.json key a job returns to an optimising sweeper (e.g. test_acc)"),
-}
+def keys_of(cls: type) -> dict[str, Key]:
+    """The keys of a typed config (:mod:`sharpbench.train_configs`) as schema entries."""
+    from .typed_config import rows
+    return {r.key: Key(r.type, r.meaning) for r in rows(cls)}
 
-MONITOR = {
-    "lambda_max_every_n_epochs": Key("int >= 0", "measure the top Hessian eigenvalue every this many epochs (0: off) -> <run>/lambda_max.json"),
-    "lambda_max_subset": Key("int >= 1", "un-augmented training images lambda_max is measured on"),
-    "lambda_max_iters": Key("int >= 1", "Lanczos steps per lambda_max measurement"),
-}
 
-TRAINER = {
-    "accelerator": Key("auto | cpu | gpu | cuda", "where to train; auto: a CUDA GPU when one is visible, else the CPU"),
-    "devices": Key("int >= 1 | -1 | auto | list[int >= 0]", "devices per node (-1: all visible), or a list of GPU ids"),
-    "num_nodes": Key("int >= 1", "nodes (DDP across nodes)"),
-    "strategy": Key("auto | ddp | ddp_spawn", "distribution strategy; ddp: one process per device"),
-    "precision": Key("auto | 32 | 32-true | bf16-mixed | 16-mixed", "auto: bf16-mixed on a GPU that supports it, else 32; applied by the sharpbench module"),
-    "max_epochs": Key("int >= 1", "epochs to train"),
-    "gradient_clip_val": Key("null | float >= 0", "clip the gradient's global L2 norm to this value (0 or null: off)"),
-    "log_every_n_steps": Key("int >= 1", "log the training loss (and check for divergence) every this many steps"),
-    "check_val_every_n_epoch": Key("int >= 1", "evaluate on validation/test every this many epochs"),
-    "limit_train_batches": Key("null | int >= 1 | float in (0, 1]", "train on this many batches per epoch (int) or this fraction of them (float); null: all"),
-    "limit_val_batches": Key("null | int >= 0 | float in [0, 1]", "validation batches per evaluation (int) or fraction (float); null: all"),
-    "limit_test_batches": Key("null | int >= 1 | float in (0, 1]", "test batches (int) or fraction (float); null: all"),
-    "checkpoint_every_n_steps": Key("null | int >= 0", "also save last.ckpt every this many steps, to resume mid-epoch after a kill (0 or null: at epoch ends only)"),
-    "deterministic": Key("bool", "deterministic algorithms (bit-identical resume on CPU; slower on GPU)"),
-    "compile": Key("bool", "torch.compile the model's forward"),
-    "channels_last": Key("bool", "channels_last memory format (CUDA only)"),
-    "sync_perturbation": Key("bool", "DDP: average the first-pass gradient before perturbing (false: each device perturbs with its own, SAM's m-sharpness)"),
-    "enable_progress_bar": Key("bool", "show the progress bar"),
-}
+SWEEP = keys_of(SweepConfig)
+MONITOR = keys_of(MonitorConfig)
+TRAINER = keys_of(TrainerConfig)
 
 CIFAR = ("cifar10", "cifar100")  # dataset options read from disk
 DATASET = {
@@ -520,17 +501,31 @@ def _yaml(group: str, option: str) -> dict:
     node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     merged: dict = {}
     for entry in node.pop("defaults", None) or []:
-        if isinstance(entry, str) and entry != "_self_":
-            merged.update(_yaml(group, entry))
+        if isinstance(entry, str) and entry != "_self_" and "/" not in entry and "@" not in entry:
+            merged.update(_yaml(group, entry))  # an option of the same group it extends
+        elif isinstance(entry, str) and entry.startswith("/schema/"):  # a typed config's defaults
+            name, _, package = entry[len("/schema/"):].partition("@")
+            if package in ("", "_here_"):
+                merged.update(typed_defaults(name))
+            else:
+                merged[package] = typed_defaults(name)
     merged.update(node)
     return merged
+
+
+def typed_defaults(name: str) -> dict:
+    """The defaults of the typed config ``/schema/<name>`` (:mod:`sharpbench.train_configs`)."""
+    from dataclasses import asdict
+    from .train_configs import MonitorConfig, SweepConfig, TrainerConfig
+    cls = {"trainer": TrainerConfig, "monitor": MonitorConfig, "sweep": SweepConfig}.get(name)
+    return asdict(cls()) if cls is not None else {}
 
 
 def yaml_defaults(group: str, option: str | None) -> dict:
     """The keys and default values the option's YAML file sets (its ``defaults`` list included)."""
     if group in GROUPS and not GROUPS[group].named:  # trainer: conf/trainer/*; sweep: a train.yaml node
-        if not (CONF_DIR / group).is_dir():
-            return dict(_yaml("", "train").get(group) or {})
+        if not (CONF_DIR / group).is_dir():  # monitor, sweep: typed nodes of train.yaml
+            return {**typed_defaults(group), **(_yaml("", "train").get(group) or {})}
         return _yaml(group, option or "default")
     return dict(_yaml(group, option)) if option else {}
 

@@ -19,14 +19,17 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 def key(default: Any = MISSING, meaning: str = "", *, factory: Any = None, low: float | None = None,
         high: float | None = None, low_open: bool = False, choices: Sequence[Any] | None = None,
-        values: type | None = None):
+        values: type | None = None, spec: str | None = None):
     """A dataclass field with its one-line ``meaning`` and accepted range (``low``/``high``,
     inclusive unless ``low_open``) or ``choices``. ``factory``: a default built per instance.
     ``values``: for a ``Dict[str, Any]`` field, the dataclass each entry follows (checked by
     ``problems``, listed by ``rows``; Hydra could not add an entry to a typed dict from the
-    command line)."""
+    command line). ``spec``: the accepted values in the training schema's value language
+    (:mod:`sharpbench.schema`, e.g. ``"null | int >= 1 | float in (0, 1]"``), where a Python type
+    cannot say them; the training checks apply it."""
     metadata = {"meaning": meaning, "low": low, "high": high, "low_open": low_open,
-                "choices": tuple(choices) if choices is not None else None, "values": values}
+                "choices": tuple(choices) if choices is not None else None, "values": values,
+                "spec": spec}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -92,7 +95,7 @@ def rows(cls: type, prefix: str = "") -> Iterator[Row]:
         if is_dataclass(tp):
             yield from rows(tp, f"{prefix}{f.name}.")
             continue
-        text = type_text(tp)
+        text = f.metadata.get("spec") or type_text(tp)
         value_type = f.metadata.get("values")
         if value_type is not None:  # name -> a dataclass's keys
             default = _default(f)
@@ -102,7 +105,7 @@ def rows(cls: type, prefix: str = "") -> Iterator[Row]:
                       f.metadata.get("meaning", ""))
             yield from rows(value_type, f"{prefix}{f.name}.<name>.")
             continue
-        if (rng := range_text(f.metadata)):
+        if not f.metadata.get("spec") and (rng := range_text(f.metadata)):
             text = f"{text}: {rng}" if f.metadata.get("choices") else f"{text} {rng}"
         yield Row(prefix + f.name, text, _default(f), f.metadata.get("meaning", ""))
 

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import sharpbench.train_configs  # noqa: F401 - registers the typed configs with Hydra's ConfigStore
+
 CONF = str(Path(__file__).resolve().parents[1] / "sharpbench" / "conf")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

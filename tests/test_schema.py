@@ -358,18 +358,18 @@ def test_a_node_train_yaml_adds_is_checked_before_the_schema_describes_it(compos
     from omegaconf import open_dict
     original = schema._yaml
 
-    def with_monitor(group, option):
+    def with_probe(group, option):
         out = dict(original(group, option))
         if group == "":
-            out["monitor"] = {"every_n_epochs": 0, "subset": 512}
+            out["probe"] = {"every_n_epochs": 0, "subset": 512}
         return out
-    monkeypatch.setattr(schema, "_yaml", with_monitor)
+    monkeypatch.setattr(schema, "_yaml", with_probe)
     cfg = compose_cfg([])
     with open_dict(cfg):
-        cfg.monitor = {"every_n_epochs": 2, "subset": 512}
+        cfg.probe = {"every_n_epochs": 2, "subset": 512}
     assert checks.schema_problems(cfg) == []
-    cfg.monitor.every_n_epochs = "often"
-    assert "monitor.every_n_epochs=often has the wrong type" in checks.schema_problems(cfg)[0]
+    cfg.probe.every_n_epochs = "often"
+    assert "probe.every_n_epochs=often has the wrong type" in checks.schema_problems(cfg)[0]
     with open_dict(cfg):
-        cfg.monitor = {"every_n_epoch": 2}
-    assert "did you mean monitor.every_n_epochs?" in checks.schema_problems(cfg)[0]
+        cfg.probe = {"every_n_epoch": 2}
+    assert "did you mean probe.every_n_epochs?" in checks.schema_problems(cfg)[0]

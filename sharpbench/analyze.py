@@ -35,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from .command_configs import MEASURES, AnalyzeConfig, Measure  # registers the typed config with Hydra
 from .fileio import atomic_write_text
 from .typed_config import check_command, problems, render_help, with_defaults
-from .data import CIFARDataModule, DataConfigError
-from .data_location import dataset_for_evaluation, describe
+from .data import DataConfigError
+from .data_location import open_run_data, recorded_source
 from .models import build_model
 from .sharpness import (gradient_eigenvector_angle, hessian_density, hessian_eigenvalues,
                         hessian_trace, loss_line, loss_surface, sharpness)
@@ -71,38 +71,6 @@ def run_config(run_dir: Path) -> dict[str, Any]:
         return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in ("dataset", "model", "seed", "label_smoothing") if k in cfg}
     raise AnalyzeError(f"{run_dir}: neither metrics.json nor .hydra/config.yaml: not a sharpbench run dir")
-
-
-def recorded_source(run_dir: Path) -> dict[str, Any] | None:
-    """Where training read the run's data: metrics.json's ``data_source``, else the checkpoint's."""
-    source = (read_metrics(run_dir) or {}).get("data_source")
-    if source:
-        return dict(source)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
-        try:
-            hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters") or {}
-        except Exception:  # an unreadable checkpoint is reported where the weights are loaded
-            return None
-        return hparams.get("data_source")
-    return None
-
-
-def build_data(cfg: dict[str, Any], source: dict[str, Any] | None = None,
-               root: str | None = None, format: str | None = None):
-    """The run's training data, read where training read them unless ``root``/``format`` say
-    otherwise (:mod:`sharpbench.data_location`)."""
-    dataset = dataset_for_evaluation(cfg["dataset"], source, root=root, format=format)
-    data = CIFARDataModule(**dataset, seed=int(cfg.get("seed", 0)))
-    try:
-        data.prepare_data()
-        data.setup("fit")
-    except DataConfigError as err:
-        where = "at" if root is not None else "where training read them,"
-        raise AnalyzeError(
-            f"the run's data were not found {where} {describe(dataset)}. {err} (On this "
-            "command, dataset.root= and dataset.format= say where they are now.)") from err
-    return data
 
 
 def build_network(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -251,7 +219,8 @@ def analyze_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     what = parse_what(cfg.what)
     run_cfg = run_config(run_dir)
     device = resolve_device(str(cfg.device))
-    data = build_data(run_cfg, recorded_source(run_dir), cfg.dataset.root, cfg.dataset.format)
+    data = open_run_data(run_cfg["dataset"], recorded_source(run_dir), seed=int(run_cfg.get("seed", 0)),
+                         stage="fit", root=cfg.dataset.root, format=cfg.dataset.format)
     model = load_trained(run_dir, run_cfg, data.num_classes, device)
     batch_size = int(cfg.subset.batch_size)
     batches = fixed_subset(data, int(cfg.subset.size), int(cfg.subset.seed), batch_size, device)
@@ -388,7 +357,7 @@ def _hydra_main() -> None:
     def entry(cfg: DictConfig) -> None:
         try:
             analyze(cfg)
-        except AnalyzeError as err:
+        except (AnalyzeError, DataConfigError) as err:  # bad settings, or data not found
             log.error("%s", err)
             sys.exit(2)
     entry()

@@ -73,3 +73,36 @@ def describe(dataset: Mapping[str, Any]) -> str:
     if dataset.get("name") == "synthetic":
         return "synthetic data"
     return f"{dataset.get('root')} (dataset.format={dataset.get('format', 'python')})"
+
+
+def recorded_source(run_dir: Path, hyper_parameters: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """Where training read a run's data: its checkpoint's ``data_source`` (``hyper_parameters``,
+    when the caller has the checkpoint), else ``metrics.json``'s; ``None`` for older runs."""
+    source = (hyper_parameters or {}).get("data_source")
+    if source:
+        return dict(source)
+    from .record import read_metrics
+    source = (read_metrics(run_dir) or {}).get("data_source")
+    return dict(source) if source else None
+
+
+def open_run_data(dataset: Mapping[str, Any], source: Mapping[str, Any] | None, *, seed: int,
+                  stage: str, root: str | None = None, format: str | None = None,
+                  eval_batch_size: int | None = None):
+    """A trained run's data module, set up for ``stage``, read where training read them unless
+    ``root``/``format`` say otherwise; data that cannot be found is a ``DatasetUnavailableError``
+    saying where it was looked for and how to point at it."""
+    from .data import CIFARDataModule, DataConfigError, DatasetUnavailableError
+    dataset = dataset_for_evaluation(dataset, source, root=root, format=format)
+    if eval_batch_size is not None:
+        dataset["eval_batch_size"] = int(eval_batch_size)
+    data = CIFARDataModule(**dataset, seed=int(seed))
+    try:
+        data.prepare_data()
+        data.setup(stage)
+    except DataConfigError as err:
+        where = "at" if root is not None else "where training read them,"
+        raise DatasetUnavailableError(
+            f"the run's data were not found {where} {describe(dataset)}. {err} (On this "
+            "command, dataset.root= and dataset.format= say where they are now.)") from err
+    return data

@@ -25,8 +25,7 @@ from . import checks
 from .command_configs import EvalConfig  # registers the typed config with Hydra
 from .typed_config import check_command, problems, render_help
 from .console import quiet_libraries
-from .data import CIFARDataModule, DatasetUnavailableError
-from .data_location import dataset_for_evaluation, describe
+from .data_location import open_run_data, recorded_source
 from .module import SharpnessModule
 from .run_logging import EvalProgressBar
 from .fileio import atomic_write_text
@@ -79,37 +78,6 @@ def run_config(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                          "was not written by `sharpbench train`")
 
 
-def recorded_source(checkpoint: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
-    """Where training read the data: the checkpoint's ``data_source``, else metrics.json's."""
-    source = (checkpoint.get("hyper_parameters") or {}).get("data_source")
-    if source:
-        return dict(source)
-    record = run_dir / "metrics.json"
-    if record.is_file():
-        try:
-            return json.loads(record.read_text()).get("data_source")
-        except ValueError:
-            return None
-    return None
-
-
-def build_data(config: dict[str, Any], source: dict[str, Any] | None, root: str | None,
-               format: str | None, eval_batch_size: int | None):
-    dataset = dataset_for_evaluation(config["dataset"], source, root=root, format=format)
-    if eval_batch_size is not None:
-        dataset["eval_batch_size"] = int(eval_batch_size)
-    data = CIFARDataModule(**dataset, seed=int(config["seed"]))
-    try:
-        data.prepare_data()
-        data.setup("validate")
-    except checks.config_errors() as err:
-        where = "at" if root is not None else "where training read them,"
-        raise DatasetUnavailableError(
-            f"the run's data were not found {where} {describe(dataset)}. {err} (On this "
-            "command, dataset.root= and dataset.format= say where they are now.)") from err
-    return data
-
-
 def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str | None = None,
              data_format: str | None = None, eval_batch_size: int | None = None,
              accelerator: str = "auto", progress_bar: bool = True) -> dict[str, Any]:
@@ -125,8 +93,10 @@ def evaluate(ckpt: str | Path, *, out: str | Path | None = None, data_root: str 
         raise EvalInputError(f"{file} does not carry the model's configuration (written by an older "
                              "sharpbench): re-run training, or load its weights by hand")
     config = run_config(checkpoint, run_dir)
-    data = build_data(config, recorded_source(checkpoint, run_dir), data_root, data_format,
-                      eval_batch_size)
+    data = open_run_data(config["dataset"],
+                         recorded_source(run_dir, checkpoint.get("hyper_parameters")),
+                         seed=int(config["seed"]), stage="validate", root=data_root,
+                         format=data_format, eval_batch_size=eval_batch_size)
     module = SharpnessModule.load_from_checkpoint(file, map_location="cpu", weights_only=False)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=progress_bar,

@@ -20,6 +20,7 @@ expanded as the basic sweeper does (:mod:`sharpbench.grid`). A sweeper that draw
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -286,12 +287,11 @@ def log_refusal(folder: Path | None, overrides: list[str], jobs: list[tuple[list
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "status": "invalid_config",
              "command": ["python", "-m", "sharpbench.train", *overrides],
              "jobs": [{"overrides": job, "error": why} for job, why in jobs]}
-    try:
+    # In a read-only place the log is skipped: the message on the console is what matters.
+    with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / REFUSED_LOG, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-    except OSError:
-        pass  # a read-only place: the message on the console is what matters
 
 
 # ---------------------------------------------------------------------------------------------

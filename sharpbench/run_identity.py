@@ -52,8 +52,7 @@ def override_dirname_exclusions(train_yaml: Mapping[str, Any]) -> list[str]:
     mappings in ``train_yaml``; ``hydra.*`` overrides never name a job's folder anyway."""
     out = []
     from dataclasses import fields
-    from .train_configs import MonitorConfig, SweepConfig
-    typed = {"monitor": MonitorConfig, "sweep": SweepConfig}  # their keys: the typed configs'
+    from .train_configs import TYPED_NODES as typed  # monitor, sweep: their keys are theirs
     for key in NOT_RUN_DEFINING + NOT_IN_FOLDER_NAMES:
         if key == "hydra":
             continue

@@ -516,8 +516,8 @@ def _yaml(group: str, option: str) -> dict:
 def typed_defaults(name: str) -> dict:
     """The defaults of the typed config ``/schema/<name>`` (:mod:`sharpbench.train_configs`)."""
     from dataclasses import asdict
-    from .train_configs import MonitorConfig, SweepConfig, TrainerConfig
-    cls = {"trainer": TrainerConfig, "monitor": MonitorConfig, "sweep": SweepConfig}.get(name)
+    from .train_configs import TYPED_NODES
+    cls = TYPED_NODES.get(name)
     return asdict(cls()) if cls is not None else {}
 
 

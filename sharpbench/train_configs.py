@@ -80,6 +80,9 @@ class SweepConfig:
                                          "(e.g. test_acc)", spec="null | str")
 
 
+# ``/schema/<name>`` of the YAML files' defaults lists.
+TYPED_NODES = {"trainer": TrainerConfig, "monitor": MonitorConfig, "sweep": SweepConfig}
+
 store("trainer", TrainerConfig, group="schema")
 store("monitor", MonitorConfig, group="schema")
 store("sweep", SweepConfig, group="schema")

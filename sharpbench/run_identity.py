@@ -99,9 +99,19 @@ def differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "")
         va, vb = a.get(key, "<unset>"), b.get(key, "<unset>")
         if isinstance(va, Mapping) and isinstance(vb, Mapping):
             out += differing_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
+        elif _differs(va, vb):
             out.append(f"{prefix}{key}")
     return out
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Values differ; ``1`` and ``1.0`` do not (a typed float key records ``optimizer.lr=1`` as
+    1.0 where an older version kept 1), ``True`` and ``1`` do."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is not type(b) or a != b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    return a != b
 
 
 def describe(keys: list[str], old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -125,7 +135,7 @@ def same_run(found: Mapping[str, Any], ident: Mapping[str, Any]) -> bool:
     """``found`` is this config's run: the same identity, or this config continuing an earlier run
     (``continued_from``, as written by the removed ``on_config_change=extend``)."""
     found_hash = identity_hash(found)
-    return found_hash == identity_hash(ident) or (
+    return found_hash == identity_hash(ident) or not differing_keys(strip(found), strip(ident)) or (
         bool(found.get("continued_from"))
         and found_hash == identity_hash({**ident, "continued_from": found["continued_from"]}))
 

@@ -194,50 +194,50 @@ SWEEP = keys_of(SweepConfig)
 MONITOR = keys_of(MonitorConfig)
 TRAINER = keys_of(TrainerConfig)
 
-CIFAR = ("cifar10", "cifar100")  # dataset options read from disk
-DATASET = {
-    "name": Key("cifar10 | cifar100 | synthetic", "the dataset"),
-    "root": Key("null | str", "folder holding the data (python format: the folder containing cifar-10-batches-py/; folder format: train/ and test/); null only for synthetic"),
-    "download": Key("bool", "download the official archive when it is missing (python format)"),
-    "format": Key("python | folder", "python: torchvision's pickle archive; folder: train/<class>/*.png|jpg, test/<class>/*"),
-    "train_subset": Key("null | int >= 1", "keep this many training images (stratified by class, seeded); null: all"),
-    "test_subset": Key("null | int >= 1", "keep this many test images (stratified, seeded); null: all"),
-    "val_split": Key("null | int >= 0 | float in [0, 1)", "hold out part of the training set for validation: a fraction (0.1) or a count (5000); 0/null: none"),
-    "imbalance_factor": Key("null | float >= 1", "long-tailed training set, largest/smallest class size (Cao et al. 2019), e.g. 100; null: balanced"),
-    "label_noise": Key("float in [0, 1)", "fraction of training labels replaced by a different, uniformly drawn class"),
-    "num_classes": Key("int >= 2", "classes of the synthetic data", options=("synthetic",)),
-    "num_train": Key("int >= 1", "training images of the synthetic data", options=("synthetic",)),
-    "num_test": Key("int >= 1", "test images of the synthetic data", options=("synthetic",)),
-    "cache": Key("bool", "cache decoded images as a uint8 tensor file (decode once)", options=CIFAR),
-    "cache_dir": Key("null | str", "where the cache goes (null: <root>/.sharpbench_cache)", options=CIFAR),
-    "decode_workers": Key("null | int >= 0", "processes decoding an image folder (null: up to 8; 0 or 1: in this process)", options=CIFAR),
-    "batch_size": Key("int >= 1", "training batch size per device"),
-    "eval_batch_size": Key("null | int >= 1", "evaluation batch size per device (null: batch_size)"),
-    "augment": Key("bool", "random crop (4 px padding) and horizontal flip of training images"),
-}
+def group_options(group: str) -> list[str]:
+    """The options of a config group (its YAML files)."""
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
-SCHEDULE = {
-    "name": Key("multistep | cosine | constant", "learning-rate schedule (a multiplier of optimizer.lr)"),
-    "warmup_epochs": Key("float >= 0", "linear warm-up from lr/steps to lr over this many epochs (before the schedule)"),
-    "milestones": Key("list[float >= 0]", "when lr is multiplied by gamma: epochs (1 or more) or fractions of trainer.max_epochs (below 1)", options=("multistep",)),
-    "gamma": Key("float in (0, 1]", "factor applied to lr at each milestone", options=("multistep",)),
-    "min_lr_ratio": Key("float in [0, 1]", "final lr as a fraction of lr", options=("cosine",)),
-}
 
-LOGGER = {
-    "name": Key("csv | wandb | tensorboard | none", "where metrics go besides metrics.json (the CSV log is always kept)"),
-    "project": Key("str", "Weights & Biases project", options=("wandb",)),
-    "group": Key("null | str", "Weights & Biases group", options=("wandb",)),
-    "offline": Key("bool", "Weights & Biases offline mode (or WANDB_MODE=offline)", options=("wandb",)),
-    "tags": Key("list[str]", "Weights & Biases tags", options=("wandb",)),
-    "run_name": Key("null | str", "Weights & Biases run name", options=("wandb",)),
-}
+def typed_node_of(group: str, option: str) -> str | None:
+    """The typed config ``conf/<group>/<option>.yaml`` takes its keys from (its
+    ``/schema/<node>@_here_`` default), e.g. ``dataset/cifar``; ``None`` if it has none."""
+    from omegaconf import OmegaConf
+    path = CONF_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
+        if isinstance(entry, str) and entry.startswith("/schema/") and entry.endswith("@_here_"):
+            return entry[len("/schema/"):-len("@_here_")]
+    return None
 
-MODEL = {
-    "name": Key("resnet18 | preact_resnet18 | wrn28_10 | tiny_cnn", "the network"),
-    "dropout": Key("float in [0, 1)", "dropout rate between the convolutions of a wide block"),
-    "width": Key("int >= 1", "channels of the first convolution"),
-}
+
+def group_keys(group: str) -> dict[str, Key]:
+    """A group's keys from its options' typed configs (and its documented extras): each key once,
+    ``options`` naming the options that have it when not all do."""
+    from .train_configs import EXTRAS, TYPED_NODES
+    from .typed_config import rows
+    options = group_options(group)
+    have: dict[str, list[str]] = {}
+    keys: dict[str, Key] = {}
+    for option in options:
+        node = TYPED_NODES.get(typed_node_of(group, option) or "")
+        for r in rows(node) if node is not None else ():
+            keys.setdefault(r.key, Key(r.type, r.meaning))
+            have.setdefault(r.key, []).append(option)
+    for name, key in keys.items():
+        if len(have[name]) < len(options):
+            keys[name] = Key(key.spec, key.meaning, options=tuple(have[name]))
+    if group in EXTRAS:
+        keys.update(keys_of(EXTRAS[group]))
+    return keys
+
+
+DATASET = group_keys("dataset")
+SCHEDULE = group_keys("schedule")
+LOGGER = group_keys("logger")
+MODEL = group_keys("model")
 
 # Keys of the optimizer group. Which of them a method accepts comes from its constructor and its
 # base optimizer's; "<method>.<key>" entries describe a key whose meaning depends on the method.
@@ -486,12 +486,6 @@ def did_you_mean(name: str, candidates: Sequence[str]) -> str | None:
 # Defaults, from the YAML files
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group (its YAML files)."""
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
 @lru_cache(maxsize=None)
 def _yaml(group: str, option: str) -> dict:
     from omegaconf import OmegaConf
@@ -515,10 +509,10 @@ def _yaml(group: str, option: str) -> dict:
 
 def typed_defaults(name: str) -> dict:
     """The defaults of the typed config ``/schema/<name>`` (:mod:`sharpbench.train_configs`)."""
-    from dataclasses import asdict
     from .train_configs import TYPED_NODES
+    from .typed_config import defaults
     cls = TYPED_NODES.get(name)
-    return asdict(cls()) if cls is not None else {}
+    return defaults(cls) if cls is not None else {}
 
 
 def yaml_defaults(group: str, option: str | None) -> dict:

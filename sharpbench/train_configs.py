@@ -1,15 +1,18 @@
-"""Typed configs of the training run's trainer group and its ``monitor`` and ``sweep`` nodes.
+"""Typed configs of the training run: its groups (dataset, model, schedule, logger, trainer) and
+its ``monitor`` and ``sweep`` nodes. The optimizer group's configs live beside their methods
+(one dataclass per method, :mod:`sharpbench.optim`; the base step's keys in
+:mod:`sharpbench.optim.step_config`).
 
 Each key's type (for Hydra: a structured config registered with the ConfigStore, so Hydra refuses
 an unknown key or a value of the wrong type when composing), default, accepted values (``spec``,
 in the value language of :mod:`sharpbench.schema`, which the training checks apply) and meaning
-are written here once. ``conf/trainer/default.yaml`` and ``conf/train.yaml`` take their defaults
-from these dataclasses (``/schema/trainer``, ``/schema/monitor``, ``/schema/sweep``); the options
-(``trainer=cpu`` ...) set only what they change. :mod:`sharpbench.schema` derives its tables of
+are written here once. The YAML files take their defaults from these dataclasses (their first
+default, e.g. ``/schema/dataset/cifar@_here_``; ``/schema/trainer``, ``/schema/monitor``,
+``/schema/sweep``) and set only their name and what they change. :mod:`sharpbench.schema` derives its tables of
 these keys from here, and with them ``--help`` and ``docs/configuration.md``.
 """
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import MISSING, dataclass
+from typing import Any, List, Optional
 
 from .typed_config import key, store
 
@@ -80,9 +83,130 @@ class SweepConfig:
                                          "(e.g. test_acc)", spec="null | str")
 
 
-# ``/schema/<name>`` of the YAML files' defaults lists.
-TYPED_NODES = {"trainer": TrainerConfig, "monitor": MonitorConfig, "sweep": SweepConfig}
+# --- dataset: the keys every option has, then CIFAR's (read from disk) and the synthetic data's
 
-store("trainer", TrainerConfig, group="schema")
-store("monitor", MonitorConfig, group="schema")
-store("sweep", SweepConfig, group="schema")
+
+@dataclass
+class DatasetConfig:
+    name: str = key(MISSING, "the dataset", spec="cifar10 | cifar100 | synthetic")
+    root: Optional[str] = key("${oc.env:SHARPBENCH_DATA,data}",
+                              "folder holding the data (python format: the folder containing "
+                              "cifar-10-batches-py/; folder format: train/ and test/); env "
+                              "SHARPBENCH_DATA; null only for synthetic", spec="null | str")
+    download: bool = key(True, "download the official archive when it is missing (python format)",
+                         spec="bool")
+    format: str = key("python", "python: torchvision's pickle archive; folder: "
+                                "train/<class>/*.png|jpg, test/<class>/*", spec="python | folder")
+    train_subset: Optional[int] = key(None, "keep this many training images (stratified by class, "
+                                            "seeded); null: all", spec="null | int >= 1")
+    test_subset: Optional[int] = key(None, "keep this many test images (stratified, seeded); null: "
+                                           "all", spec="null | int >= 1")
+    val_split: Any = key(0, "hold out part of the training set for validation: a fraction (0.1) or "
+                            "a count (5000); 0/null: none; test is reported separately",
+                         spec="null | int >= 0 | float in [0, 1)")
+    imbalance_factor: Optional[float] = key(None, "long-tailed training set, largest/smallest class "
+                                                  "size (Cao et al. 2019), e.g. 100; null: balanced",
+                                            spec="null | float >= 1")
+    label_noise: float = key(0.0, "fraction of training labels replaced by a different, uniformly "
+                                  "drawn class", spec="float in [0, 1)")
+    batch_size: int = key(128, "training batch size per device", spec="int >= 1")
+    eval_batch_size: Optional[int] = key(1000, "evaluation batch size per device (null: batch_size)",
+                                         spec="null | int >= 1")
+    augment: bool = key(True, "random crop (4 px padding) and horizontal flip of training images",
+                        spec="bool")
+
+
+@dataclass
+class CifarConfig(DatasetConfig):
+    """CIFAR-10/100 (Krizhevsky 2009), read from disk."""
+    cache: bool = key(True, "cache decoded images as a uint8 tensor file (decode once)", spec="bool")
+    cache_dir: Optional[str] = key(None, "where the cache goes (null: <root>/.sharpbench_cache)",
+                                   spec="null | str")
+    decode_workers: Optional[int] = key(None, "processes decoding an image folder (null: up to 8; "
+                                              "0 or 1: in this process)", spec="null | int >= 0")
+
+
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    """Class-structured random images of CIFAR shape, made from the seed."""
+    num_classes: int = key(10, "classes of the synthetic data", spec="int >= 2")
+    num_train: int = key(2048, "training images of the synthetic data", spec="int >= 1")
+    num_test: int = key(512, "test images of the synthetic data", spec="int >= 1")
+
+
+# --- model: the network's builder takes the other keys (sharpbench.models.MODELS)
+
+
+@dataclass
+class ModelConfig:
+    name: str = key(MISSING, "the network", spec="resnet18 | preact_resnet18 | wrn28_10 | tiny_cnn")
+
+
+@dataclass
+class WideResNetConfig(ModelConfig):
+    dropout: float = key(0.0, "dropout rate between the convolutions of a wide block",
+                         spec="float in [0, 1)")
+
+
+@dataclass
+class ModelExtras:
+    """Builder arguments no option sets by default (add them with ``+model.<key>=``)."""
+    width: int = key(16, "tiny_cnn: channels of the first convolution", spec="int >= 1")
+
+
+# --- schedule: a multiplier of optimizer.lr per step
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = key(MISSING, "learning-rate schedule (a multiplier of optimizer.lr)",
+                    spec="multistep | cosine | constant")
+    warmup_epochs: Any = key(0, "linear warm-up from lr/steps to lr over this many epochs "
+                                  "(before the schedule)", spec="float >= 0")
+
+
+@dataclass
+class MultistepConfig(ScheduleConfig):
+    milestones: List[Any] = key(factory=lambda: [0.625, 0.9375],
+                                  meaning="when lr is multiplied by gamma: epochs (1 or more) or "
+                                          "fractions of trainer.max_epochs (below 1)",
+                                  spec="list[float >= 0]")
+    gamma: float = key(0.1, "factor applied to lr at each milestone", spec="float in (0, 1]")
+
+
+@dataclass
+class CosineConfig(ScheduleConfig):
+    min_lr_ratio: float = key(0.0, "final lr as a fraction of lr", spec="float in [0, 1]")
+
+
+# --- logger: where metrics go besides metrics.json (the CSV log is always kept)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = key(MISSING, "where metrics go besides metrics.json (the CSV log is always kept)",
+                    spec="csv | wandb | tensorboard | none")
+
+
+@dataclass
+class WandbConfig(LoggerConfig):
+    project: str = key("sharpbench", "Weights & Biases project", spec="str")
+    group: Optional[str] = key(None, "Weights & Biases group", spec="null | str")
+    offline: bool = key(False, "Weights & Biases offline mode (or WANDB_MODE=offline)", spec="bool")
+    tags: List[str] = key(factory=list, meaning="Weights & Biases tags", spec="list[str]")
+    run_name: Optional[str] = key("${run_name}", "Weights & Biases run name", spec="null | str")
+
+
+# ``/schema/<name>`` of the YAML files' defaults lists.
+TYPED_NODES = {"trainer": TrainerConfig, "monitor": MonitorConfig, "sweep": SweepConfig,
+               "dataset/cifar": CifarConfig, "dataset/synthetic": SyntheticConfig,
+               "model/model": ModelConfig, "model/wide_resnet": WideResNetConfig,
+               "schedule/constant": ScheduleConfig, "schedule/multistep": MultistepConfig,
+               "schedule/cosine": CosineConfig,
+               "logger/logger": LoggerConfig, "logger/wandb": WandbConfig}
+# Keys an option accepts but no option sets by default (documented, added with +group.key=).
+EXTRAS = {"model": ModelExtras}
+
+for _path, _node in TYPED_NODES.items():
+    _group, _, _name = _path.rpartition("/")
+    store(_name, _node, group="schema" + (f"/{_group}" if _group else ""))

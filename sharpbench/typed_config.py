@@ -87,6 +87,13 @@ def _default(f: dataclasses.Field) -> Any:
     return "???"
 
 
+def defaults(cls: type) -> dict[str, Any]:
+    """The keys of ``cls`` that have a default, with it (a required key, e.g. an option's
+    ``name`` that its YAML file sets, is left out)."""
+    return {f.name: _default(f) for f in fields(cls)
+            if f.default is not MISSING or f.default_factory is not MISSING}  # type: ignore[misc]
+
+
 def rows(cls: type, prefix: str = "") -> Iterator[Row]:
     """Every key of ``cls``, nested dataclasses expanded into dotted keys."""
     hints = typing.get_type_hints(cls)

@@ -57,3 +57,13 @@ def test_removed_on_config_change_values_name_the_ways_out(value):
         run_identity.check_on_config_change(value)
     run_identity.check_on_config_change("refuse")
     run_identity.check_on_config_change(None)
+
+
+def test_an_int_recorded_where_a_typed_float_key_now_holds_a_float_is_the_same_run():
+    """Typed configs make ``optimizer.lr=1`` a float (1.0); a run recorded with the int 1 by an
+    older version is still this config's run, while a changed value or a bool for a number is not."""
+    old = {"optimizer": {"lr": 1, "betas": [0.9, 1]}, "seed": 0}
+    assert run_identity.same_run(old, {"optimizer": {"lr": 1.0, "betas": [0.9, 1.0]}, "seed": 0})
+    assert not run_identity.same_run(old, {"optimizer": {"lr": 1.5, "betas": [0.9, 1.0]}, "seed": 0})
+    assert run_identity.differing_keys({"a": True}, {"a": 1}) == ["a"]
+    assert run_identity.differing_keys({"a": [1, 2]}, {"a": [1.0]}) == ["a"]

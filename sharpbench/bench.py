@@ -123,8 +123,11 @@ def split(value: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the harness
 def optimizer_config(name: str) -> dict:
-    from omegaconf import OmegaConf
-    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"), resolve=True)
+    """``conf/optimizer/<name>.yaml`` as Hydra composes it (the method's typed config's defaults,
+    then the file's own keys)."""
+    import copy
+    from .schema import yaml_defaults
+    return copy.deepcopy(yaml_defaults("optimizer", name))
 
 
 def mlp(layers: int, width: int = 8) -> nn.Module:

@@ -181,7 +181,6 @@ TOP = {
     "label_smoothing": Key("float in [0, 1)", "label smoothing of the cross-entropy (0.1 in the paper's Table 1 recipe)"),
     "run_name": Key("str", "name of the run folder (default <method>-<dataset>-<model>-seed<seed>)"),
     "sweep_name": Key("str", "name of the sweep folder under outputs/sweeps/"),
-    "rho_by_method": Key("dict", "experiment=table1_full: rho per method (null: the method has no radius)"),
 }
 
 def keys_of(cls: type) -> dict[str, Key]:
@@ -239,72 +238,41 @@ SCHEDULE = group_keys("schedule")
 LOGGER = group_keys("logger")
 MODEL = group_keys("model")
 
-# Keys of the optimizer group. Which of them a method accepts comes from its constructor and its
-# base optimizer's; "<method>.<key>" entries describe a key whose meaning depends on the method.
-OPTIMIZER = {
-    "name": Key(" | ".join(registered_methods()), "the method (the registered methods: sharpbench.optim.registry)"),
-    "base": Key("sgd | adam | adamw | rmsprop", "the base optimizer taking the step with the method's gradient"),
-    "lr": Key("float > 0", "learning rate of the step actually taken (the base step)"),
-    "weight_decay": Key("float >= 0", "weight decay of the base step (L2 for sgd/adam/rmsprop, decoupled for adamw/hatam)"),
-    "momentum": Key("float in [0, 1)", "momentum of the base step"),
-    "nesterov": Key("bool", "Nesterov momentum (sgd)"),
-    "dampening": Key("float in [0, 1]", "momentum dampening (sgd)"),
-    "betas": Key("list[float in [0, 1)] of 2", "decay rates of Adam's first and second moment estimates"),
-    "eps": Key("float >= 0", "term added to the denominator for numerical stability"),
-    "alpha": Key("float in [0, 1)", "smoothing constant of RMSprop's squared-gradient average"),
-    "centered": Key("bool", "centred RMSprop (normalise by the variance estimate)"),
-    "amsgrad": Key("bool", "AMSGrad variant of Adam/AdamW"),
-    "rho": Key("float > 0", "neighbourhood radius: the perturbation has norm rho"),
-    "p": Key("float >= 1 | inf", "SAM's l_p neighbourhood (2: the standard ball; inf: the box)"),
-    "eta": Key("float >= 0", "ASAM: T = |w| + eta, the scale of the adaptive neighbourhood"),
-    "adaptive": Key("bool", "ASAM: scale the neighbourhood by |w| (false: plain SAM)"),
-    "adaptive_params": Key("all | weights", "ASAM: scale every parameter (all, the formula) or only those named *weight* (the authors' code)", options=("asam",)),
-    "sigma": Key("float >= 0", "FriendlySAM: weight of the gradient EMA removed from the batch gradient"),
-    "lmbda": Key("float in [0, 1)", "FriendlySAM: EMA factor of the batch gradients"),
-    "sparsity": Key("float in [0, 1)", "SSAM: fraction of coordinates NOT perturbed"),
-    "update_interval": Key("int >= 1", "SSAM: steps between mask updates (K)"),
-    "num_samples": Key("int >= 1", "SSAM-F: training samples of the Fisher estimate per mask update (n_s)"),
-    "fisher_batch_size": Key("int >= 1", "SSAM-F: samples per Fisher call (per_sample: per vectorised pass, memory only; chunked: the chunk whose mean gradient is squared)", options=("ssam_f",)),
-    "drop_rate": Key("float in [0, 1]", "SSAM-D: fraction of active mask coordinates dropped (and as many grown) per update"),
-    "seed": Key("int >= 0", "SSAM-D: seed of the initial mask and the random growth"),
-    "class_threshold": Key("float >= 0", "ImbSAM: a class with at most this many training images is a tail class"),
-    "gsam_alpha": Key("float >= 0", "GSAM: weight of the orthogonal gradient component removed from the step"),
-    "rho_min": Key("null | float >= 0", "GSAM: with it, rho follows the lr from rho_min to rho (null: constant rho)"),
-    "lr_max": Key("null | float > 0", "GSAM: lr at which rho reaches its maximum (null: the initial lr)"),
-    "lr_min": Key("float >= 0", "GSAM: lr at which rho reaches rho_min"),
-    "k": Key("int >= 1", "A2SAM: top Hessian eigenpairs shaping the ellipsoid"),
-    "interval": Key("int >= 1", "A2SAM: steps between eigen-solves"),
-    "lanczos_iters": Key("int >= 1", "A2SAM: cap on Lanczos iterations (Hessian-vector products) per eigen-solve; lanczos_tol may stop it earlier"),
-    "freq": Key("int >= 1", "X-SAM: steps between refreshes of the top Hessian eigenvector"),
-    "power_iters": Key("int >= 1", "X-SAM: power iterations (Hessian-vector products) per refresh"),
-    "beta_c": Key("float in [0, 1)", "HATAM: EMA factor of the gradient differences"),
-    "gamma": Key("float >= 0", "HATAM: weight of the curvature correction (0: AdamW)"),
-    "modulator": Key("tensor | global", "HATAM: normalise the modulator per tensor or over all parameters"),
-    "bn_policy": Key("first_pass | both_passes | momentum_zero", "BatchNorm running statistics: updated by the first pass only, by both passes, or frozen by momentum 0 in the second pass"),
-    "ema_order": Key("update_first | subtract_previous", "FriendlySAM: update the gradient EMA before subtracting it (the paper) or subtract the previous one"),
-    "fisher_estimator": Key("per_sample | chunked", "SSAM-F: empirical Fisher from per-sample gradients (the paper) or from squared chunk-mean gradients (cheaper)", options=("ssam_f",)),
-    "fisher_bn": Key("eval | train", "SSAM-F: BatchNorm mode during the Fisher estimate", options=("ssam_f",)),
-    "fisher_method": Key("vmap | loop", "SSAM-F: per-sample gradients by torch.func vmap or by one backward per sample (same result)", options=("ssam_f",)),
-    "tail_weight": Key("float > 0", "ImbSAM: weight of the tail loss in the update (1 in the paper)"),
-    "perturbation_norm": Key("masked | full", "SSAM: normalise the perturbation by the masked gradient's norm (norm rho) or by the full gradient's"),
-    "mask_rounding": Key("half_up | floor", "SSAM: rounding of the number of perturbed coordinates"),
-    "update_unit": Key("step | epoch", "SSAM: update_interval counts optimizer steps or epochs"),
-    "refresh_timing": Key("current_step | next_step", "SSAM: a new mask is used from the step that computed it or from the next one"),
-    "drop_schedule": Key("constant | cosine", "SSAM-D: drop rate constant, or decayed on a cosine over the epochs"),
-    "alpha_mode": Key("absolute | relative", "A2SAM: alpha as given, or relative to the top eigenvalue (scale-free)"),
-    "lanczos_tol": Key("null | float >= 0", "A2SAM: stop Lanczos when every Ritz residual is at most tol * |lambda| (0/null: always lanczos_iters)"),
-    "lanczos_check_every": Key("int >= 1", "A2SAM: iterations between residual checks"),
-    "stale_gradient": Key("bool", "A2SAM: perturb with the previous step's gradient (1 pass per step) or a fresh one (2 passes)"),
-    "correction": Key("projection | sign", "X-SAM: remove alpha (g.v) v (sign-invariant) or the authors' sign-dependent form"),
-    "normalize_gradient": Key("bool", "X-SAM: normalise the SAM gradient before the eigenvector correction and base step (the authors' code)"),
-    "hessian_loss": Key("train | eval_ce", "X-SAM: Hessian of the training loss (train-mode BN, label smoothing) or of plain cross-entropy in eval mode"),
-    "refresh_schedule": Key("global | per_epoch", "X-SAM: refresh at steps 0, freq, 2 freq, ... or every freq batches within each epoch"),
-    "gsam.adaptive": Key("bool", "GSAM: ASAM-style scaling of the perturbation by |w| + eta"),
-    "gsam.eta": Key("float >= 0", "GSAM: eta of the adaptive scaling"),
-    "a2sam.alpha": Key("float >= 0", "A2SAM: anisotropy, A = I + alpha * V Lambda V^T"),
-    "xsam.alpha": Key("float >= 0", "X-SAM: fraction of the perturbed gradient's component along the top eigenvector removed"),
-    "gsam.alpha": Key("null | float in [0, 1)", "RMSprop's smoothing constant when GSAM's base is rmsprop (GSAM's own weight is gsam_alpha)"),
-}
+def optimizer_keys() -> dict[str, Key]:
+    """The optimizer group's keys from the registered methods' typed configs
+    (:mod:`sharpbench.optim.step_config`): the base step's keys once, then each method's. A key
+    whose meaning depends on the method is listed as ``<method>.<key>`` for every method after
+    the first that has it; ``options`` names the methods whose config sets a key (not the base
+    step's keys, which every method has or can take)."""
+    from .optim.registry import methods
+    from .optim.step_config import AdamStep, OptionalKeys, RMSpropStep, SGDStep
+    from .typed_config import rows
+    keys = {"name": Key(" | ".join(registered_methods()),
+                        "the method (the registered methods: sharpbench.optim.registry)")}
+    for block in (SGDStep, AdamStep, RMSpropStep, OptionalKeys):
+        for r in rows(block):
+            if r.key != "name":
+                keys.setdefault(r.key, Key(r.type, r.meaning))
+    shared = set(keys)
+    users: dict[str, list[str]] = {}
+    for name, info in methods().items():
+        for r in rows(info.config) if info.config is not None else ():
+            if r.key == "name":
+                continue
+            key = Key(r.type, r.meaning)
+            if r.key in shared and keys[r.key] == key:
+                continue
+            if r.key not in shared and (r.key not in keys or keys[r.key] == key):
+                keys[r.key] = key
+                users.setdefault(r.key, []).append(name)
+            else:
+                keys[f"{name}.{r.key}"] = Key(r.type, r.meaning, options=(name,))
+    for name, who in users.items():
+        keys[name] = Key(keys[name].spec, keys[name].meaning, options=tuple(who))
+    return keys
+
+
+OPTIMIZER = optimizer_keys()
 
 
 @dataclass(frozen=True)
@@ -512,6 +480,10 @@ def typed_defaults(name: str) -> dict:
     from .train_configs import TYPED_NODES
     from .typed_config import defaults
     cls = TYPED_NODES.get(name)
+    if name.startswith("optimizer/"):  # a method's, stored by the registry
+        from .optim.registry import methods
+        info = methods().get(name[len("optimizer/"):])
+        cls = info.config if info is not None else None
     return defaults(cls) if cls is not None else {}
 
 

@@ -14,6 +14,7 @@ these keys from here, and with them ``--help`` and ``docs/configuration.md``.
 from dataclasses import MISSING, dataclass
 from typing import Any, List, Optional
 
+from .optim.registry import discover as discover_methods
 from .typed_config import key, store
 
 # Keys typed ``Any`` take several kinds of value (an int or a word, an int or a fraction) or are
@@ -210,3 +211,7 @@ EXTRAS = {"model": ModelExtras}
 for _path, _node in TYPED_NODES.items():
     _group, _, _name = _path.rpartition("/")
     store(_name, _node, group="schema" + (f"/{_group}" if _group else ""))
+
+# The optimizer group's typed configs are stored by the method registry as each method file is
+# imported (sharpbench.optim.registry.register): find them all before Hydra composes.
+discover_methods()

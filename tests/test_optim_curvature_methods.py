@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 from torch.autograd.functional import hessian
 
+from sharpbench.bench import optimizer_config
 from sharpbench.optim import A2SAM, HATAM, METHODS, XSAM
 from sharpbench.optim.a2sam import ellipsoid_inverse_apply
 from sharpbench.optim.factory import build_optimizer
@@ -390,7 +390,7 @@ def test_state_dict_round_trip_takes_identical_next_steps(name):
 # ======================================================================================= configs
 @pytest.mark.parametrize("name", ["a2sam", "xsam", "hatam"])
 def test_configs_build(name):
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg = optimizer_config(name)
     assert cfg["name"] == name and METHODS[name] is not None
     model = tiny_model()
     opt = build_optimizer(model, cfg)
@@ -415,7 +415,7 @@ def test_configs_build(name):
 @pytest.mark.parametrize("name", ["a2sam", "xsam"])
 @pytest.mark.parametrize("base", ["sgd", "rmsprop"])
 def test_config_alpha_reaches_the_method(name, base):
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg = optimizer_config(name)
     cfg.update(alpha=0.37, base=base)
     opt = build_optimizer(tiny_model(), cfg)
     assert opt.alpha == 0.37  # the method's alpha, not RMSprop's smoothing constant

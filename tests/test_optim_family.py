@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
+from sharpbench.bench import optimizer_config
 from sharpbench.optim import GSAM, SSAMD, SSAMF, FriendlySAM, ImbSAM, split_loss, tail_class_mask
 from sharpbench.optim.factory import build_optimizer
 
@@ -493,7 +493,7 @@ CONFIG_CLASSES = {"friendly_sam": FriendlySAM, "ssam_f": SSAMF, "ssam_d": SSAMD,
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CLASSES))
 def test_config_composes_into_the_class(name):
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    cfg = optimizer_config(name)
     assert cfg["name"] == name and cfg["base"] == "sgd" and cfg["lr"] == 0.1
     model = make_model()
     opt = build_optimizer(model, cfg)
@@ -518,7 +518,7 @@ def test_config_composes_into_the_class(name):
 
 
 def test_gsam_config_with_rmsprop_keeps_both_alphas():
-    cfg = yaml.safe_load((CONF / "gsam.yaml").read_text())
+    cfg = optimizer_config("gsam")
     cfg = {**cfg, "base": "rmsprop", "lr": 1e-3, "alpha": 0.95, "gsam_alpha": 0.3}
     opt = build_optimizer(make_model(), cfg)
     assert isinstance(opt.base_optimizer, torch.optim.RMSprop)

@@ -28,7 +28,7 @@ FAMILIES = [
     (["foo=1"], "unknown key foo=1"),
     (["model=nonexistent"], "group model has no option 'nonexistent'"),
     (["+trainer.max_epoch=5"], "did you mean trainer.max_epochs?"),
-    (["optimizer=sam", "optimizer.rho=0"], "optimizer.rho=0 is out of range"),
+    (["optimizer=sam", "optimizer.rho=0"], "optimizer.rho=0.0 is out of range"),
     (["dataset.train_subset=100000"], "dataset.train_subset=100000 is larger than the synthetic training set"),
     (["trainer=gpu"] if not __import__("torch").cuda.is_available() else ["optimizer=sgd", "optimizer.base=adam"],
      "no CUDA GPU is visible" if not __import__("torch").cuda.is_available() else "optimizer.base=adam with optimizer=sgd"),

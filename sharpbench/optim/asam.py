@@ -1,14 +1,32 @@
 """ASAM: adaptive (scale-invariant) sharpness-aware minimisation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 
-@register_method("asam", label="ASAM", passes=2, order=20,
+@dataclass
+class ASAMConfig(SGDStep):
+    """Kwon et al. 2021: rho 0.5 (CIFAR-10), 1.0 (CIFAR-100), eta 0.01."""
+    rho: float = rho_key(0.5)
+    eta: float = key(0.01, "ASAM: T = |w| + eta, the scale of the adaptive neighbourhood "
+                           "(SamsungLabs/ASAM: class default 0.01, example_cifar.py 0.0; eta 0 with "
+                           "adaptive_params all is davda54/sam's SAM(adaptive=True))", spec="float >= 0")
+    adaptive_params: str = key("all", "ASAM: scale every parameter (all, the formula) or only those "
+                                      "named *weight* (weights: the authors' code)",
+                               spec="all | weights")
+    bn_policy: str = bn_policy_key()    # both_passes: SamsungLabs/ASAM
+
+
+@register_method("asam", label="ASAM", passes=2, order=20, config=ASAMConfig,
                  paper='Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for '
                        'Scale-Invariant Learning of Deep Neural Networks", ICML 2021')
 class ASAM(SharpnessAwareOptimizer):

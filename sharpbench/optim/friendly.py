@@ -1,17 +1,38 @@
 """FriendlySAM: SAM whose perturbation ignores the full-gradient component."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 
 EMA_ORDERS = ("update_first", "subtract_previous")
 
 
-@register_method("friendly_sam", label="FriendlySAM", passes=2, order=30,
+@dataclass
+class FriendlySAMConfig(SGDStep):
+    """Li et al. 2024; the authors' run.sh (nblt/F-SAM): sigma 1, lmbda 0.95; rho 0.05 (the
+    benchmark's, CIFAR-10; their run.sh uses 0.2 on CIFAR-100)."""
+    rho: float = rho_key(0.05)
+    sigma: float = key(1.0, "FriendlySAM: weight of the gradient EMA removed from the batch "
+                            "gradient", spec="float >= 0")
+    lmbda: float = key(0.95, "FriendlySAM: EMA factor of the batch gradients", spec="float in [0, 1)")
+    ema_order: str = key("update_first", "FriendlySAM: update the gradient EMA before subtracting "
+                                         "it (update_first, the paper: m_t = lmbda m_(t-1) + "
+                                         "(1 - lmbda) g_t, d_t = g_t - sigma m_t) or subtract the "
+                                         "previous one (subtract_previous, the authors' utils.py)",
+                         spec="update_first | subtract_previous")
+    bn_policy: str = bn_policy_key()    # momentum_zero: the authors' train.py
+
+
+@register_method("friendly_sam", label="FriendlySAM", passes=2, order=30, config=FriendlySAMConfig,
                  paper='Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024')
 class FriendlySAM(SharpnessAwareOptimizer):
     """Friendly Sharpness-Aware Minimization (Li et al., "Friendly Sharpness-Aware Minimization",

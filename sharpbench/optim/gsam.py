@@ -1,6 +1,9 @@
 """GSAM: SAM plus an ascent step that shrinks the surrogate gap."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 from torch import Tensor
 
@@ -9,9 +12,31 @@ from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buf
 from .sam import lp_ball_argmax
 from .context import StepContext
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 
-@register_method("gsam", label="GSAM", passes=2, order=100,
+@dataclass
+class GSAMConfig(SGDStep):
+    """Zhuang et al. 2022: the paper tunes alpha in about [0.01, 0.3] (0.1 here); named
+    ``gsam_alpha`` because ``alpha`` is RMSprop's. The authors' CIFAR example
+    (juntang-zhuang/GSAM, example/train.py): gsam_alpha 0.4, adaptive true, rho 2.0, cosine lr."""
+    rho: float = rho_key(0.05)          # rho_max when rho_min is set
+    gsam_alpha: float = key(0.1, "GSAM: weight of the orthogonal gradient component removed from "
+                                 "the step", spec="float >= 0")
+    adaptive: bool = key(False, "GSAM: ASAM-style scaling of the perturbation by |w| + eta, e = rho "
+                                "T^2 g / ||T g|| (the authors' adaptive=True, eta 0)", spec="bool")
+    eta: float = key(0.0, "GSAM: eta of the adaptive scaling", spec="float >= 0")
+    rho_min: Optional[float] = key(None, "GSAM: with it, rho follows the lr: rho_t = rho_min + "
+                                         "(rho - rho_min)(lr - lr_min)/(lr_max - lr_min) (null: "
+                                         "constant rho)", spec="null | float >= 0")
+    lr_max: Optional[float] = key(None, "GSAM: lr at which rho reaches its maximum (null: the "
+                                        "initial lr)", spec="null | float > 0")
+    lr_min: float = key(0.0, "GSAM: lr at which rho reaches rho_min", spec="float >= 0")
+    bn_policy: str = bn_policy_key()
+
+
+@register_method("gsam", label="GSAM", passes=2, order=100, config=GSAMConfig,
                  paper='Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", '
                        'ICLR 2022')
 class GSAM(SharpnessAwareOptimizer):

@@ -1,6 +1,9 @@
 """HATAM: AdamW with an anisotropic trajectory correction (one forward/backward per step)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
 import math
 
 import torch
@@ -9,11 +12,27 @@ from torch.optim import Optimizer
 
 from .base import group_indices
 from .registry import register_method
+from ..typed_config import key
+from .step_config import MethodConfig, betas_key, eps_key, lr_key, weight_decay_key
 
 MODULATORS = ("tensor", "global")
 
 
-@register_method("hatam", label="HATAM", passes=1, order=80, baseline="adamw",
+@dataclass
+class HATAMConfig(MethodConfig):
+    """Its description gives no beta_c / gamma: chosen by a small CPU sweep (the module
+    docstring): no setting beat AdamW (gamma = 0); stronger corrections were worse."""
+    lr: float = lr_key(1e-3)
+    betas: List[float] = betas_key()
+    eps: float = eps_key()
+    weight_decay: float = weight_decay_key(1e-2)
+    beta_c: float = key(0.99, "HATAM: EMA factor of the gradient differences", spec="float in [0, 1)")
+    gamma: float = key(0.1, "HATAM: weight of the curvature correction (0: AdamW)", spec="float >= 0")
+    modulator: str = key("tensor", "HATAM: normalise the modulator per tensor or over all "
+                                   "parameters", spec="tensor | global")
+
+
+@register_method("hatam", label="HATAM", passes=1, order=80, baseline="adamw", config=HATAMConfig,
                  paper='"HATAM: Heuristic Anisotropic Trajectory-Aware Minimization", an '
                        'unpublished method description (specified in docs/methods.md)')
 class HATAM(Optimizer):

@@ -1,6 +1,9 @@
 """ImbSAM: sharpness-aware minimisation of the tail classes only."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import functools
 
 import torch
@@ -10,6 +13,8 @@ from .base import SharpnessAwareOptimizer, check_positive, require_closure
 from .context import StepContext
 from .sam import lp_ball_argmax
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 PARTS = ("head", "tail")
 
@@ -40,7 +45,20 @@ def split_loss(per_sample_loss: Tensor, targets: Tensor, tail_mask_per_class: Te
     return (per_sample_loss * keep.to(per_sample_loss.dtype)).sum() / per_sample_loss.numel()
 
 
-@register_method("imb_sam", label="ImbSAM", passes=3, order=60,
+@dataclass
+class ImbSAMConfig(SGDStep):
+    """Zhou et al. 2023; rho 0.05, the authors' scripts/train.py default."""
+    rho: float = rho_key(0.05)
+    class_threshold: Any = key(20, "ImbSAM: a class with at most this many training images is a "
+                                   "tail class (the authors' scripts/train.py marks count < 20: set "
+                                   "19 to reproduce it)", spec="float >= 0")
+    tail_weight: float = key(1.0, "ImbSAM: weight of the tail loss in the update g_head + "
+                                  "tail_weight * grad L_tail(w + e) (1 in the paper; the authors' "
+                                  "utils/trainval.py doubles the tail loss: 2)", spec="float > 0")
+    bn_policy: str = bn_policy_key()    # both_passes: the authors' code
+
+
+@register_method("imb_sam", label="ImbSAM", passes=3, order=60, config=ImbSAMConfig,
                  needs=("closure_of", "class_counts"),
                  paper='Zhou et al., "ImbSAM: A Closer Look at Sharpness-Aware Minimization in '
                        'Class-Imbalanced Recognition", ICCV 2023')

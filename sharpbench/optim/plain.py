@@ -6,20 +6,21 @@ factory (``sharpbench.optim.factory``) builds them from its ``BASE_OPTIMIZERS``.
 from __future__ import annotations
 
 from .registry import MethodInfo, register
+from .step_config import AdamStep, AdamWStep, RMSpropStep, SGDStep
 
 PLAIN = (
-    # name, label, table order, timed by the bench, paper
-    ("sgd", "SGD", 0, True, 'SGD with heavy-ball momentum (Polyak, "Some methods of speeding up '
+    # name, label, table order, timed by the bench, typed config (step_config), paper
+    ("sgd", "SGD", 0, True, SGDStep, 'SGD with heavy-ball momentum (Polyak, "Some methods of speeding up '
                             'the convergence of iteration methods", 1964)'),
-    ("adam", "Adam", 1, False, 'Kingma & Ba, "Adam: A Method for Stochastic Optimization", '
+    ("adam", "Adam", 1, False, AdamStep, 'Kingma & Ba, "Adam: A Method for Stochastic Optimization", '
                                'ICLR 2015'),
-    ("adamw", "AdamW", 2, True, 'Loshchilov & Hutter, "Decoupled Weight Decay Regularization", '
+    ("adamw", "AdamW", 2, True, AdamWStep, 'Loshchilov & Hutter, "Decoupled Weight Decay Regularization", '
                                 'ICLR 2019'),
-    ("rmsprop", "RMSprop", 3, False, "Tieleman & Hinton, Lecture 6.5 of Neural Networks for "
+    ("rmsprop", "RMSprop", 3, False, RMSpropStep, "Tieleman & Hinton, Lecture 6.5 of Neural Networks for "
                                      "Machine Learning (Coursera), 2012"),
 )
 
-for _name, _label, _order, _bench, _paper in PLAIN:
+for _name, _label, _order, _bench, _config, _paper in PLAIN:
     register(MethodInfo(name=_name, label=_label, cls=None, paper=_paper, passes=1.0, base=_name,
                         order=_order, bench=_bench, baseline="adamw" if "adam" in _name else "sgd",
-                        module=__name__))
+                        config=_config, module=__name__))

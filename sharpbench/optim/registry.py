@@ -2,13 +2,19 @@
 
 A method file declares its class with :func:`register_method`::
 
-    @register_method("sam", label="SAM", passes=2,
+    @dataclass
+    class SAMConfig(SGDStep):          # its keys: type, default, range, meaning
+        rho: float = rho_key(0.05)
+
+    @register_method("sam", label="SAM", passes=2, config=SAMConfig,
                      paper='Foret et al., "Sharpness-Aware Minimization for Efficiently '
                            'Improving Generalization", ICLR 2021')
     class SAM(SharpnessAwareOptimizer):
         ...
 
-and ships a config ``conf/optimizer/sam.yaml`` whose ``name`` is the registered name. Every list
+and ships a config ``conf/optimizer/sam.yaml`` whose ``name`` is the registered name and whose
+first default is the typed config (``/schema/optimizer/sam@_here_``, stored with Hydra's
+ConfigStore at registration; :mod:`sharpbench.optim.step_config`). Every list
 of methods in the project is derived from here: the accepted ``optimizer.name`` values, the
 report's labels and order, the bench's method list, the method tables of the docs and the tests'
 parametrizations. Nothing else needs editing to add a method (``docs/contributing.md``).
@@ -56,7 +62,9 @@ class MethodInfo:
     - ``base``: for plain methods, the ``torch.optim`` optimizer's name;
     - ``order``: position in tables (methods of equal order sort by name);
     - ``bench``: whether ``sharpbench bench`` times it by default;
-    - ``baseline``: the one-pass method its cost is compared with (sgd or adamw).
+    - ``baseline``: the one-pass method its cost is compared with (sgd or adamw);
+    - ``config``: its typed config, a dataclass extending a base-step block of
+      :mod:`sharpbench.optim.step_config` (``None``: its YAML file is its only description).
     """
 
     name: str
@@ -69,6 +77,7 @@ class MethodInfo:
     order: float = 100.0
     bench: bool = True
     baseline: str = "sgd"
+    config: type | None = field(default=None, compare=False)
     module: str = field(default="", compare=False)
 
     @property
@@ -98,6 +107,9 @@ def register(info: MethodInfo) -> MethodInfo:
         raise RegistryError(f"method {info.name!r} is declared twice: by {old.module} and by "
                             f"{info.module}; give one of them another name")
     _REGISTRY[info.name] = info
+    if info.config is not None:
+        from hydra.core.config_store import ConfigStore
+        ConfigStore.instance().store(name=info.name, node=info.config, group="schema/optimizer")
     return info
 
 
@@ -109,12 +121,12 @@ def _same_class(a: type | None, b: type | None) -> bool:
 
 def register_method(name: str, *, label: str, paper: str, passes: float,
                     needs: tuple[str, ...] = (), order: float = 100.0, bench: bool = True,
-                    baseline: str = "sgd") -> Callable[[T], T]:
+                    baseline: str = "sgd", config: type | None = None) -> Callable[[T], T]:
     """Class decorator: declare the optimizer class as method ``name`` (see :class:`MethodInfo`)."""
     def decorate(cls: T) -> T:
         register(MethodInfo(name=name, label=label, cls=cls, paper=paper, passes=float(passes),
                             needs=tuple(needs), order=order, bench=bench, baseline=baseline,
-                            module=cls.__module__))
+                            config=config, module=cls.__module__))
         return cls
     return decorate
 

@@ -1,6 +1,9 @@
 """SAM: sharpness-aware minimisation in an l_p ball."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import math
 
 import torch
@@ -9,6 +12,8 @@ from torch import Tensor
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
 from .asam import ASAM
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 
 def dual_exponent(p: float) -> float:
@@ -59,7 +64,16 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
     return [torch.sign(u) * u.abs().pow(q - 1) * (r / norm.pow(q - 1)) for u, r in zip(units, rho)]
 
 
-@register_method("sam", label="SAM", passes=2, order=10,
+@dataclass
+class SAMConfig(SGDStep):
+    """Foret et al. 2021: rho 0.05 on CIFAR-10, 0.1 on CIFAR-100, the l_2 ball."""
+    rho: float = rho_key(0.05)
+    p: Any = key(2, "SAM's l_p neighbourhood: 2 (the standard ball), any p >= 1, or inf (the box)",
+                 spec="float >= 1 | inf")
+    bn_policy: str = bn_policy_key()
+
+
+@register_method("sam", label="SAM", passes=2, order=10, config=SAMConfig,
                  paper='Foret et al., "Sharpness-Aware Minimization for Efficiently Improving '
                        'Generalization", ICLR 2021')
 class SAM(SharpnessAwareOptimizer):

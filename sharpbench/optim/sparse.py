@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -12,6 +13,8 @@ from .base import (FlatBuffer, SharpnessAwareOptimizer, check_positive, flat_buf
 from .context import StepContext
 from .fisher import check_fisher_options, fisher_terms
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, bn_policy_key, rho_key
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -25,6 +28,62 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+@dataclass
+class SparseSAMConfig(SGDStep):
+    """SSAM's keys. The benchmark recipe (Feldman 2025, Table 1): sparsity 0.5, K = 5, rho 0.05.
+    The authors' released code (Mi-Peng/Sparse-Sharpness-Aware-Minimization, solver/sam.py)
+    differs in four places; each is a switch (theirs: full, floor, epoch, next_step)."""
+    rho: float = rho_key(0.05)
+    sparsity: float = key(0.5, "SSAM: fraction of coordinates NOT perturbed", spec="float in [0, 1)")
+    update_interval: int = key(5, "SSAM: steps (or epochs, see update_unit) between mask updates (K)",
+                               spec="int >= 1")
+    perturbation_norm: str = key("masked", "SSAM: normalise the perturbation by the masked "
+                                           "gradient's norm, e = rho (m*g)/||m*g|| (masked, norm "
+                                           "rho), or by the full gradient's (full: theirs)",
+                                 spec="masked | full")
+    mask_rounding: str = key("half_up", "SSAM: perturbed coordinates round((1-s) d) (half_up) or "
+                                        "int((1-s) d) (floor: theirs)", spec="half_up | floor")
+    update_unit: str = key("step", "SSAM: update_interval counts optimizer steps (the benchmark) or "
+                                   "epochs (theirs)", spec="step | epoch")
+    refresh_timing: str = key("current_step", "SSAM: a new mask is used from the step that "
+                                              "computed it or from the next one (next_step: theirs)",
+                              spec="current_step | next_step")
+    bn_policy: str = bn_policy_key()    # both_passes: theirs
+
+
+@dataclass
+class SSAMFConfig(SparseSAMConfig):
+    """n_s = 256 (the benchmark; the authors' argument default: 1024)."""
+    num_samples: int = key(256, "SSAM-F: training samples of the Fisher estimate per mask update "
+                                "(n_s)", spec="int >= 1")
+    fisher_estimator: str = key("per_sample", "SSAM-F: empirical Fisher from per-sample gradients "
+                                              "(the paper; the authors loop a batch-1 loader) or "
+                                              "from squared chunk-mean gradients (chunked: cheaper, "
+                                              "neither the paper's nor the authors')",
+                                spec="per_sample | chunked")
+    fisher_method: str = key("vmap", "SSAM-F: per-sample gradients by torch.func vmap or by one "
+                                     "backward per sample (loop; same result, faster on CPU)",
+                             spec="vmap | loop")
+    fisher_batch_size: int = key(32, "SSAM-F: samples per Fisher call (per_sample: per vectorised "
+                                     "pass, memory only; chunked: the chunk whose mean gradient is "
+                                     "squared)", spec="int >= 1")
+    fisher_bn: str = key("eval", "SSAM-F: BatchNorm during the Fisher estimate: running statistics "
+                                 "(eval) or each sample normalised by its own (train, as the "
+                                 "authors' batch-1 loop in train mode)", spec="eval | train")
+
+
+@dataclass
+class SSAMDConfig(SparseSAMConfig):
+    """Drop 20% / grow 20% (the benchmark; the authors' argument default drop_rate: 0.5)."""
+    drop_rate: float = key(0.2, "SSAM-D: fraction of active mask coordinates dropped (and as many "
+                                "grown) per update", spec="float in [0, 1]")
+    seed: int = key(0, "SSAM-D: seed of the initial mask and the random growth (draws come from "
+                       "(seed, step))", spec="int >= 0")
+    drop_schedule: str = key("constant", "SSAM-D: drop rate constant, or decayed on a cosine over "
+                                         "the epochs (cosine: theirs, drop_rate (1 + cos(pi epoch "
+                                         "/ epochs)) / 2)", spec="constant | cosine")
 
 
 class SparseSAM(SharpnessAwareOptimizer):
@@ -229,6 +288,7 @@ class SparseSAM(SharpnessAwareOptimizer):
 
 
 @register_method("ssam_f", label="SSAM-F", passes=2, order=40, needs=("sample", "model"),
+                 config=SSAMFConfig,
                  paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
                        'Perturbation Approach", NeurIPS 2022 (Fisher mask)')
 class SSAMF(SparseSAM):
@@ -403,7 +463,7 @@ class SSAMF(SparseSAM):
 DROP_SCHEDULES = ("constant", "cosine")
 
 
-@register_method("ssam_d", label="SSAM-D", passes=2, order=50,
+@register_method("ssam_d", label="SSAM-D", passes=2, order=50, config=SSAMDConfig,
                  paper='Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified '
                        'Perturbation Approach", NeurIPS 2022 (dynamic mask)')
 class SSAMD(SparseSAM):

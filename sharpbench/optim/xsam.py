@@ -1,9 +1,11 @@
 """X-SAM: SAM with the gradient corrected along the top Hessian eigenvector."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import functools
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -15,11 +17,38 @@ from .eigen_record import EigenSolveRecord
 from .sam import SAM
 from .context import StepContext
 from .registry import register_method
+from ..typed_config import key
+from .step_config import SGDStep, rho_key
 
 LossClosure = Callable[[], Tensor]
 
 
-@register_method("xsam", label="X-SAM", passes=2, order=90,
+@dataclass
+class XSAMConfig(SGDStep):
+    """Duan et al. 2026: alpha 0.2, freq 3-5, 5 power iterations. The authors' code
+    (github.com/huang5467/X-SAM) differs in four places; each is a switch."""
+    rho: float = rho_key(0.05)
+    alpha: float = key(0.2, "X-SAM: fraction of the perturbed gradient's component along the top "
+                            "eigenvector removed", spec="float >= 0")
+    freq: int = key(5, "X-SAM: steps between refreshes of the top Hessian eigenvector",
+                    spec="int >= 1")
+    power_iters: int = key(5, "X-SAM: power iterations (Hessian-vector products) per refresh",
+                           spec="int >= 1")
+    correction: str = key("projection", "X-SAM: remove alpha (g.v) v (projection, sign-invariant) "
+                                        "or alpha |g.v| v (sign: the authors' code)",
+                          spec="projection | sign")
+    normalize_gradient: bool = key(False, "X-SAM: normalise the SAM gradient before the eigenvector "
+                                          "correction and base step (the authors' code)",
+                                   spec="bool")
+    hessian_loss: str = key("train", "X-SAM: Hessian of the training loss (train-mode BN, label "
+                                     "smoothing) or of plain cross-entropy in eval mode (eval_ce: "
+                                     "the authors' code)", spec="train | eval_ce")
+    refresh_schedule: str = key("global", "X-SAM: refresh at steps 0, freq, 2 freq, ... or every "
+                                          "freq batches within each epoch (per_epoch: the authors' "
+                                          "code)", spec="global | per_epoch")
+
+
+@register_method("xsam", label="X-SAM", passes=2, order=90, config=XSAMConfig,
                  needs=("loss_closure", "batch_idx"),
                  paper='Duan et al., "Boosting Sharpness-Aware Minimization with '
                        'Dominant-Eigenvector Gradient Correction", 2026')

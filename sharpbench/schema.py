@@ -1,11 +1,12 @@
-"""The typed schema of the whole config: every key of every group, what it accepts, what it means.
+"""The schema of the whole training config: every key of every group, what it accepts, what it
+means, for ``--help``, ``docs/configuration.md`` and the checks of :mod:`sharpbench.checks`.
 
-One key is one line, ``"lr": Key("float > 0", "learning rate ...")``. The YAML files under
-``conf/`` hold the defaults, except for the typed configs of :mod:`sharpbench.train_configs`
-(the trainer group, ``monitor``, ``sweep``), which hold their keys' defaults, specs and meanings
-and from which this module's tables of those keys are derived (``keys_of``). This module says
-which keys exist and what values they take, and :mod:`sharpbench.checks` applies it (plus the
-rules that relate several keys) before anything runs.
+Each key's type, default, accepted values and meaning are written once, in a typed config (a
+dataclass registered with Hydra's ConfigStore): the groups' and nodes' in
+:mod:`sharpbench.train_configs`, each method's beside its class (:mod:`sharpbench.optim.step_config`).
+This module derives its tables from them (``keys_of``, ``group_keys``, ``optimizer_keys``); only
+the top-level keys (``TOP``) are written here. :mod:`sharpbench.checks` applies the tables, plus
+the rules that relate several keys, before anything runs.
 
 Accepted values are written in a small language, alternatives joined by `` | ``:
 
@@ -15,12 +16,9 @@ Accepted values are written in a small language, alternatives joined by `` | ``:
 - ``list[<one alternative>]``, optionally ``of N`` items: ``list[float in [0, 1)] of 2``;
 - anything else is a literal value: ``auto | cpu | gpu | cuda``, ``-1``.
 
-Groups whose keys are the parameters of a constructor (``optimizer``: the method's class and its
-base optimizer's; ``model``: the model builder) take their key *set* from the constructor's
-signature, so a parameter added to the code is accepted without editing this file; the tables
-below give those keys their accepted values and meanings (``tests/test_schema.py`` requires an
-entry for every key a YAML file sets). A key the code reads but no constructor takes (``name``,
-``base``, SSAM-F's ``fisher_batch_size``) is listed with the options that use it.
+The optimizer and model groups also accept their constructors' other parameters (a method's and
+its base optimizer's, added with ``+``): ``Group.members`` reads them from the signatures, and a
+parameter no typed config describes gets its type from its default (``inferred_key``).
 """
 from __future__ import annotations
 

@@ -197,16 +197,29 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+@lru_cache(maxsize=None)
+def _load(group: str, option: str) -> dict:
+    """``conf/<group>/<option>.yaml`` (``group=""``: ``train.yaml``) as written, or ``{}``."""
+    from omegaconf import OmegaConf
+    path = CONF_DIR / group / f"{option}.yaml" if group else CONF_DIR / "train.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
+
+
+def _schema_entry(entry: Any) -> tuple[str, str] | None:
+    """A defaults-list entry ``/schema/<node>@<package>`` as ``(node, package)``, else ``None``."""
+    if isinstance(entry, str) and entry.startswith("/schema/"):
+        node, _, package = entry[len("/schema/"):].partition("@")
+        return node, package
+    return None
+
+
 def typed_node_of(group: str, option: str) -> str | None:
     """The typed config ``conf/<group>/<option>.yaml`` takes its keys from (its
     ``/schema/<node>@_here_`` default), e.g. ``dataset/cifar``; ``None`` if it has none."""
-    from omegaconf import OmegaConf
-    path = CONF_DIR / group / f"{option}.yaml"
-    if not path.is_file():
-        return None
-    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults") or []:
-        if isinstance(entry, str) and entry.startswith("/schema/") and entry.endswith("@_here_"):
-            return entry[len("/schema/"):-len("@_here_")]
+    for entry in _load(group, option).get("defaults") or []:
+        typed = _schema_entry(entry)
+        if typed is not None and typed[1] == "_here_":
+            return typed[0]
     return None
 
 
@@ -454,17 +467,14 @@ def did_you_mean(name: str, candidates: Sequence[str]) -> str | None:
 
 @lru_cache(maxsize=None)
 def _yaml(group: str, option: str) -> dict:
-    from omegaconf import OmegaConf
-    path = CONF_DIR / group / f"{option}.yaml" if group else CONF_DIR / "train.yaml"
-    if not path.is_file():
-        return {}
-    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    node = dict(_load(group, option))
     merged: dict = {}
     for entry in node.pop("defaults", None) or []:
+        typed = _schema_entry(entry)
         if isinstance(entry, str) and entry != "_self_" and "/" not in entry and "@" not in entry:
             merged.update(_yaml(group, entry))  # an option of the same group it extends
-        elif isinstance(entry, str) and entry.startswith("/schema/"):  # a typed config's defaults
-            name, _, package = entry[len("/schema/"):].partition("@")
+        elif typed is not None:  # a typed config's defaults
+            name, package = typed
             if package in ("", "_here_"):
                 merged.update(typed_defaults(name))
             else:

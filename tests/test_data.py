@@ -345,18 +345,12 @@ def test_bad_settings_say_what_to_change(settings, pattern):
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sharpbench" / "conf" / "dataset").glob("*.yaml")))
-def test_dataset_config_files_are_accepted(path):
+def test_dataset_config_files_are_accepted(path, compose_cfg):
     """Each dataset option, composed by Hydra (its typed config's defaults, then its own keys),
     is a valid data-layer config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(path.parents[1]), version_base="1.3"):
-        composed = compose(config_name="train", overrides=[f"dataset={path.stem}"])
-    GlobalHydra.instance().clear()
-    node = OmegaConf.to_container(composed.dataset, resolve=True)
+    node = OmegaConf.to_container(compose_cfg([f"dataset={path.stem}"]).dataset, resolve=True)
     cfg = DataConfig.from_kwargs(node, seed=0, channels_last=False)
     assert cfg.name == path.stem
 

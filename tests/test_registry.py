@@ -34,47 +34,37 @@ def test_every_method_class_is_registered_and_every_entry_has_a_config():
             assert "::" in doc or "<-" in doc or "=" in doc, f"{name}: docstring states no update rule"
 
 
-def test_every_method_has_a_typed_config_that_its_yaml_composes():
+def test_every_method_has_a_typed_config_that_its_yaml_composes(compose_cfg):
     """Each built-in method declares a dataclass beside its class; the registry stores it as
     /schema/optimizer/<name>, the method's YAML takes its keys from it, every key has a meaning
     and an accepted range, and the composed node is the dataclass's defaults plus the name."""
     from dataclasses import fields, is_dataclass
 
-    from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from sharpbench.optim.step_config import MethodConfig
     from sharpbench.schema import typed_node_of
     from sharpbench.typed_config import defaults
     store = ConfigStore.instance()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PACKAGE / "conf"), version_base="1.3"):
-        for name, info in registry.methods().items():
-            assert is_dataclass(info.config) and issubclass(info.config, MethodConfig), name
-            assert store.load(f"schema/optimizer/{name}.yaml") is not None, name
-            assert typed_node_of("optimizer", name) == f"optimizer/{name}", name
-            for f in fields(info.config):
-                assert f.metadata.get("meaning") and f.metadata.get("spec"), (name, f.name)
-            node = OmegaConf.to_container(compose("train", [f"optimizer={name}"]).optimizer)
-            assert node == {**defaults(info.config), "name": name}, name
-    GlobalHydra.instance().clear()
+    for name, info in registry.methods().items():
+        assert is_dataclass(info.config) and issubclass(info.config, MethodConfig), name
+        assert store.load(f"schema/optimizer/{name}.yaml") is not None, name
+        assert typed_node_of("optimizer", name) == f"optimizer/{name}", name
+        for f in fields(info.config):
+            assert f.metadata.get("meaning") and f.metadata.get("spec"), (name, f.name)
+        node = OmegaConf.to_container(compose_cfg([f"optimizer={name}"]).optimizer)
+        assert node == {**defaults(info.config), "name": name}, name
 
 
-def test_a_typed_method_config_refuses_a_wrong_type_at_compose():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def test_a_typed_method_config_refuses_a_wrong_type_at_compose(compose_cfg):
     from hydra.errors import ConfigCompositionException
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(PACKAGE / "conf"), version_base="1.3"):
-        with pytest.raises(ConfigCompositionException):
-            compose("train", ["optimizer=ssam_f", "optimizer.num_samples=many"])
-        with pytest.raises(ConfigCompositionException):  # SGD has no radius to set
-            compose("train", ["optimizer=sgd", "optimizer.rho=0.1"])
-        cfg = compose("train", ["optimizer=sam", "optimizer.base=adam", "+optimizer.betas=[0.9,0.99]"])
-        assert cfg.optimizer.betas == [0.9, 0.99] and cfg.optimizer.rho == 0.05
-    GlobalHydra.instance().clear()
+    with pytest.raises(ConfigCompositionException):
+        compose_cfg(["optimizer=ssam_f", "optimizer.num_samples=many"])
+    with pytest.raises(ConfigCompositionException):  # SGD has no radius to set
+        compose_cfg(["optimizer=sgd", "optimizer.rho=0.1"])
+    cfg = compose_cfg(["optimizer=sam", "optimizer.base=adam", "+optimizer.betas=[0.9,0.99]"])
+    assert cfg.optimizer.betas == [0.9, 0.99] and cfg.optimizer.rho == 0.05
 
 
 def test_every_list_of_methods_derives_from_the_registry():

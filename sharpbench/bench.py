@@ -11,6 +11,18 @@ Sections (``sections=optim,driver,pipeline,compile``):
   chosen model and on an MLP of ``mlp_layers`` small layers (does it grow with the number of
   parameter tensors?), **host syncs per step** (the whole step), regular steps and amortised
   refresh steps (mask refresh, eigen-solve) reported apart, and peak memory (CUDA);
+- ``cost``: per method, the **amortised cost per step**, refresh steps included: ``cost_periods``
+  whole refresh periods (eigen-solve, mask or Fisher refresh) after a first period of warm-up (the
+  cold first solve), a fresh random batch of ``cost_batch`` images every step; passes, Hessian
+  graphs and Hessian-vector products counted and priced by their FLOPs (``sharpbench.cost``: SGD
+  = 1, device-independent; SSAM-F's Fisher samples priced against a training batch of ``batch``
+  images, as in a run at that batch), beside the cost the method's source claims (the registry's
+  ``claimed_cost``), with the eigen-solves' iterations and largest residual, and the wall time per
+  step against SGD's in the same run;
+- ``fisher``: SSAM-F's per-sample Fisher over ``fisher_samples`` samples by each exact method
+  (the loop of single-sample passes, ``torch.func`` ``vmap`` and a batched backward, ``fisher_batch``
+  samples per call), in milliseconds and in training passes of ``batch`` images, and the method
+  ``fisher_method=auto`` picks on this device;
 - ``driver``: the Lightning training step (``SharpnessModule``, the path ``sharpbench.train``
   runs) against a plain loop over the same ``DeviceLoader``, model and optimizer, and the host
   syncs per step the Lightning path makes; every (model, method) pair once per round; and end
@@ -27,8 +39,8 @@ Writes ``bench.md`` and ``bench.csv`` (atomically) under ``out``. Options, with 
     methods=<every registered method with bench=True: sharpbench.optim.registry>
     warmup=2 steps=2 repeats=3 count_steps=12 mlp_layers=200
     driver_models=tiny_cnn,resnet18 driver_methods=sgd,sam,adamw,hatam driver_steps=4 loader_workers=2
-    compile_methods=sgd,sam compile_model=<model> sections=optim,driver,pipeline,compile
-    out=outputs/bench threads=0
+    compile_methods=sgd,sam compile_model=<model> sections=optim,cost,fisher,driver,pipeline,compile
+    out=outputs/bench threads=0 cost_batch=8 cost_periods=3 fisher_samples=256 fisher_batch=32
 
 ``precision``: 32, bf16-mixed, 16-mixed. On a GPU: ``python -m sharpbench.bench device=cuda
 precision=bf16-mixed channels_last=true compile=true``.
@@ -59,14 +71,15 @@ from .optim import registry
 from .optim.context import StepContext
 
 METHODS = tuple(name for name, info in registry.methods().items() if info.bench)
-SECTIONS = ("optim", "driver", "pipeline", "compile")
+SECTIONS = ("optim", "cost", "fisher", "driver", "pipeline", "compile")
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DEFAULTS: dict[str, Any] = dict(
     model="resnet18", batch=128, device="auto", precision="32", channels_last=False,
     compile=False, methods=",".join(METHODS), warmup=2, steps=2, repeats=3, count_steps=12,
     mlp_layers=200, driver_models="tiny_cnn,resnet18", driver_methods="sgd,sam,adamw,hatam", driver_steps=4,
     loader_workers=2, compile_methods="sgd,sam", compile_model="", sections=",".join(SECTIONS),
-    out="outputs/bench", threads=0)
+    out="outputs/bench", threads=0, cost_batch=8, cost_periods=3, fisher_samples=256,
+    fisher_batch=32)
 CONF = Path(__file__).resolve().parent / "conf" / "optimizer"
 TAIL_COUNTS = torch.tensor([5000, 2000, 800, 300, 120, 50, 20, 10, 5, 2])  # ImbSAM's split
 
@@ -159,7 +172,8 @@ class StepHarness:
     compile: bool = False
     compile_backend: str = "inductor"
     bn_policy: str = "first_pass"   # which passes update BatchNorm statistics (optim/bn.py)
-    passes: int = 0
+    passes: float = 0
+    pass_batch: int = 0         # the batch a Fisher pass is priced against (0: ``batch``)
     extra_calls: int = 0
     counts: Any = None          # a DispatchCounts while ops are being counted
     model: nn.Module = field(init=False)
@@ -215,14 +229,16 @@ class StepHarness:
                 return F.cross_entropy(self.model(self.x).float(), self.y)
 
     def sample(self, n: int):
-        """Training samples for a Fisher estimate: the first ``n`` of the batch."""
-        n = min(int(n), self.batch)
-        return self.x[:n], self.y[:n]
+        """Training samples for a Fisher estimate: the first ``n`` of the batch, repeated if the
+        batch is smaller."""
+        idx = torch.arange(int(n), device=self.x.device) % self.batch
+        return self.x[idx], self.y[idx]
 
     @contextmanager
-    def extra_pass(self):
-        """A pass the method runs itself (SSAM-F's Fisher passes): a pass, not optimizer ops."""
-        self.passes += 1
+    def extra_pass(self, samples: int | None = None):
+        """A pass the method runs itself (SSAM-F's Fisher passes): a pass (``samples / batch`` of
+        one, priced by its FLOPs), not optimizer ops."""
+        self.passes += 1 if samples is None else samples / (self.pass_batch or self.batch)
         self.extra_calls += 1
         with self._uncounted():
             yield
@@ -374,6 +390,97 @@ def bench_optimizers(o: dict, device: torch.device, log: Callable[[str], None]) 
         r["baseline"] = ref if ref in by_name else ""
         r["vs_baseline"] = (r["ms_per_step"] / by_name[ref]["ms_per_step"]) if ref in by_name else math.nan
     return rows
+
+
+# ----------------------------------------------------------------------------- cost section
+def bench_cost(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    """Amortised FLOP-priced cost per step of every method, refreshes included (module docstring)."""
+    from .cost import cost_per_step, pass_flops
+    prices = pass_flops(build_net(o["model"]), (o["cost_batch"], 3, 32, 32), 10)
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for m in split(o["methods"]):
+        h = StepHarness(m, o["model"], o["cost_batch"], device, o["precision"], o["channels_last"],
+                        o["compile"], pass_batch=o["batch"])
+        period = refresh_period(h.opt) or 1
+        warm, window = max(period, 2), period * max(int(o["cost_periods"]), 1)
+        log(f"cost: {m}, {warm} warm-up steps then {window} measured steps")
+
+        def counters() -> tuple:
+            return (h.passes, int(getattr(h.opt, "num_loss_closure_calls", 0) or 0), h.hvps)
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                h.x = torch.randn(h.x.shape, generator=gen).to(h.x)
+                h.y = torch.randint(0, 10, h.y.shape, generator=gen).to(h.y)
+                h.step()
+
+        run(warm)
+        state = getattr(h.opt, "method_state", {})
+        solves0 = len(state.get("eigen_refreshes", []))
+        before = counters()
+        seconds = timed(device, lambda: run(window))
+        after = counters()
+        passes, graphs, hvps = (a - b for a, b in zip(after, before))
+        refreshes = state.get("eigen_refreshes", [])[solves0:]
+        info = registry.methods().get(m)
+        rows.append({"method": m, "period": refresh_period(h.opt), "steps": window,
+                     "cost_per_step": cost_per_step(passes=passes, loss_closure_calls=graphs,
+                                                    hvps=hvps, steps=window,
+                                                    graph_cost=prices["graph_cost"],
+                                                    hvp_cost=prices["hvp_cost"]),
+                     "claimed_cost": info.claimed_cost if info is not None else "",
+                     "solves": len(refreshes),
+                     "iterations_mean": (statistics.mean(r[1] for r in refreshes)
+                                         if refreshes else math.nan),
+                     "residual_max": max((r[2] for r in refreshes), default=math.nan),
+                     "eigen_tol": getattr(h.opt, "eigen_tol", None),
+                     "ms_per_step": 1000 * seconds / window})
+        del h
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        ref = by_name.get(baseline_of(r["method"]))
+        r["wall_vs_baseline"] = r["ms_per_step"] / ref["ms_per_step"] if ref else math.nan
+    return rows
+
+
+# ---------------------------------------------------------------------------- fisher section
+def bench_fisher(o: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    """One SSAM-F Fisher estimate by each exact method, against a training pass (``batch``)."""
+    from .optim.fisher import bn_mode, fisher_terms, resolve_method
+    torch.manual_seed(0)
+    model = build_net(o["model"]).to(device)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(2)
+    n, b = int(o["fisher_samples"]), int(o["fisher_batch"])
+    x = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
+    xb = torch.randn(o["batch"], 3, 32, 32, generator=gen).to(device)
+    yb = torch.randint(0, 10, (o["batch"],), generator=gen).to(device)
+
+    def train_pass() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+
+    def estimate(method: str) -> Callable[[], None]:
+        return lambda: [fisher_terms(model, params, xc, yc, batch_size=b, method=method)
+                        for xc, yc in zip(x.split(b), y.split(b))]
+
+    methods = ("loop", "vmap", "batched")
+    times: dict[str, list[float]] = {m: [] for m in ("pass", *methods)}
+    for m in methods:                              # warm-up: one call each (vmap traces)
+        fisher_terms(model, params, x[:b], y[:b], batch_size=b, method=m)
+    train_pass()
+    for r in range(o["repeats"]):
+        times["pass"].append(timed(device, train_pass))
+        for m in methods:
+            times[m].append(timed(device, estimate(m)))
+        log(f"fisher: round {r + 1}/{o['repeats']} done")
+    unit = statistics.median(times["pass"])
+    auto = resolve_method("auto", device)
+    return [{"method": m, "samples": n, "per_call": b, "ms": 1000 * statistics.median(times[m]),
+             "passes": statistics.median(times[m]) / unit, "pass_ms": 1000 * unit,
+             "auto": m == auto} for m in methods]
 
 
 # ---------------------------------------------------------------------------- driver section
@@ -673,6 +780,24 @@ def markdown(o: dict, device: torch.device, results: dict[str, list[dict]], comm
         if sites:
             out += ["", "Host syncs (all on refresh steps unless the syncs/step column says otherwise):", *sites]
         out.append("")
+    out += table(results.get("cost"),
+                 f"Amortised cost per step, refresh steps included ({o['cost_periods']} refresh "
+                 f"periods after a warm-up period; {o['model']}, a fresh random batch of "
+                 f"{o['cost_batch']} each step; passes, Hessian graphs and HVPs priced by their "
+                 "FLOPs, SGD = 1):",
+                 ["method", "refresh every", "cost/step (FLOPs, SGD = 1)", "source's claim",
+                  "eigen-solves: HVPs (mean), largest residual / tol", "wall ms/step", "wall vs base"],
+                 lambda r: [f"`{r['method']}`", r["period"] or "–", f"{r['cost_per_step']:.2f}",
+                            r["claimed_cost"] or "–",
+                            (f"{r['solves']}: {r['iterations_mean']:.1f}, {r['residual_max']:.3f}"
+                             f" / {fmt(r['eigen_tol'], '.3g')}" if r["solves"] else "–"),
+                            f"{r['ms_per_step']:.0f}", fmt(r["wall_vs_baseline"], ".2f")])
+    out += table(results.get("fisher"),
+                 f"SSAM-F's per-sample Fisher, one estimate by each exact method (same result; "
+                 f"passes: the estimate's time over a training pass of {o['batch']} images):",
+                 ["method", "samples (per call)", "ms", "training passes", "fisher_method=auto"],
+                 lambda r: [f"`{r['method']}`", f"{r['samples']} ({r['per_call']})",
+                            f"{r['ms']:.0f}", f"{r['passes']:.2f}", "picked" if r["auto"] else ""])
     spread = lambda r: f"{r['ratio']:.3f} [{r['ratio_min']:.3f}–{r['ratio_max']:.3f}]"  # noqa: E731
     out += table(results.get("driver"),
                  "Lightning training step vs a plain loop (same DeviceLoader, model, optimizer):",
@@ -728,7 +853,8 @@ def run(o: dict, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
     device = torch.device(o["device"])
     sections = split(o["sections"])
     results: dict[str, list[dict]] = {}
-    for name, fn in (("optim", bench_optimizers), ("driver", bench_driver),
+    for name, fn in (("optim", bench_optimizers), ("cost", bench_cost), ("fisher", bench_fisher),
+                     ("driver", bench_driver),
                      ("pipeline", bench_pipeline), ("compile", bench_compile)):
         if name in sections:
             results[name] = fn(o, device, log)

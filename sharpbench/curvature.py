@@ -231,7 +231,7 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
             num_iters: Optional[int] = None, init: Optional[torch.Tensor] = None,
             generator: Optional[torch.Generator] = None, reorthogonalize: bool = True,
             device=None, dtype=None, *, tol: Optional[float] = None,
-            check_every: int = 5, return_info: bool = False):
+            check_every: int = 5, return_info: bool = False, history: Optional[list] = None):
     """Top-k (algebraically largest) eigenpairs of a symmetric operator by Lanczos.
 
     Builds an orthonormal Krylov basis Q = [q_1..q_m] with
@@ -263,6 +263,9 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
 
     Non-finite values (a NaN Hessian-vector product): the solve stops at the check that sees
     them and returns NaN pairs with ``info.finite = False``; it never raises.
+
+    ``history``: a list that receives ``(matvecs so far, residuals of the top-k pairs)`` at
+    every check (no extra host read).
 
     Returns (eigenvalues [k] descending, eigenvectors [dim, k] with unit-norm columns), plus an
     :class:`EigenInfo` with ``return_info=True``.
@@ -339,6 +342,8 @@ def lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
         beta_n = 0.0 if broke is not None else float(b_host[n - 1])
         resid = beta_n * np.abs(S[-1]) / np.maximum(np.abs(theta), 1e-300)
         evals, evecs = theta, S
+        if history is not None:
+            history.append((matvecs, tuple(float(r) for r in resid)))
         if broke is not None:
             converged = True
             break
@@ -507,3 +512,138 @@ def stochastic_lanczos_quadrature(matvec: Matvec, dim: Optional[int] = None, num
 
 
 __all__ += ["MeanLossHessian", "stochastic_lanczos_quadrature"]
+
+
+# ----------------------------------------------------------------------------- warm starts
+
+def block_lanczos(matvec: Matvec, dim: Optional[int] = None, k: int = 1,
+                  max_matvecs: Optional[int] = None, init: Optional[torch.Tensor] = None,
+                  tol: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                  device=None, dtype=None, *, return_info: bool = False,
+                  history: Optional[list] = None):
+    """Top-k (algebraically largest) eigenpairs by block Lanczos from a warm start, with a
+    Ritz-residual stopping rule checked after every block.
+
+    The basis grows by blocks of ``b = k`` orthonormal vectors: ``P_0 = orth(init)`` (the previous
+    eigenvectors, so a solve of a slightly changed operator starts where the last one ended; missing
+    or dependent columns are filled with random ones), then ``P_{j+1} R_j = (I − QQᵀ) A P_j`` (QR,
+    Gram–Schmidt twice against the whole basis ``Q``). After each block the Rayleigh–Ritz pairs of
+    ``T = Qᵀ A Q`` (``n × n``, solved on the host in float64) are the estimates, and because
+    ``A Q = Q T + P_{j+1} R_j E_jᵀ`` the residual of a Ritz pair ``(θ, y = Q s)`` costs no matvec::
+
+        ‖A y − θ y‖ = ‖R_j s_j‖          (s_j: the rows of s on the last block)
+
+    The solve stops at the first block where all top-k pairs have ``‖A y − θ y‖ <= tol·|θ|``, or
+    after ``max_matvecs`` matvecs (rounded up to whole blocks; default ``max(4k, 20)``). A warm
+    start from exact eigenvectors converges in one block (``k`` matvecs); from a cold start this is
+    Lanczos with ``k`` starting vectors. ``k = 1`` is Lanczos from ``init``.
+
+    Host synchronisation: one device→host read per block (the new column of ``T`` and ``R_j``,
+    together). Memory: the basis, ``[max_matvecs + k, dim]``.
+
+    ``init``: ``[dim, c]`` (or ``[dim]``) starting vectors; the first ``min(c, k)`` are used. A
+    column that is zero, non-finite or dependent on the others is replaced by a random one.
+    Non-finite values from ``matvec`` stop the solve with ``info.finite = False`` (NaN pairs).
+    ``history``: a list that receives ``(matvecs so far, residuals of the top-k pairs)`` per block.
+
+    Returns (eigenvalues [k] descending, eigenvectors [dim, k] with orthonormal columns), plus an
+    :class:`EigenInfo` with ``return_info=True``.
+    """
+    if init is not None and init.dim() == 1:
+        init = init[:, None]
+    dim, device, dtype = _resolve(matvec, dim, None if init is None else init[:, 0], device, dtype)
+    if not 1 <= k <= dim:
+        raise ValueError(f"need 1 <= k <= dim, got k={k}, dim={dim}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"block Lanczos tol must be > 0 (a relative Ritz residual), got {tol}")
+    cap = max(4 * k, 20) if max_matvecs is None else int(max_matvecs)
+    if cap < k:
+        raise ValueError(f"max_matvecs={cap} must be >= k={k} (one block)")
+    blocks = -(-min(cap, dim) // k)
+    Q = torch.zeros(blocks * k, dim, device=device, dtype=dtype)
+    start = _random((dim, k), "gauss", device, dtype, generator)
+    if init is not None:
+        cols = init[:, :k].detach().to(device, dtype)
+        good = torch.isfinite(cols).all(dim=0) & (cols.norm(dim=0) > 0)
+        start[:, :cols.shape[1]] = torch.where(good, torch.nan_to_num(cols), start[:, :cols.shape[1]])
+    P, fixes = _orthonormal_block(start, Q[:0], generator)
+    T = np.zeros((0, 0))
+    n, matvecs, syncs, restarts = 0, 0, 0, 0
+    finite, converged = True, False
+    theta = S = resid = None
+    while True:
+        Q[n:n + k] = P.T
+        W = torch.stack([matvec(P[:, i]) for i in range(k)], dim=1)      # A P, [dim, k]
+        matvecs += k
+        n += k
+        C = Q[:n] @ W                                                    # Qᵀ A P, [n, k]
+        Z = W - Q[:n].T @ C
+        Z = Z - Q[:n].T @ (Q[:n] @ Z)
+        P_next, R = torch.linalg.qr(Z)
+        host = np.array(torch.cat([C, R, fixes[None, :]]).double().tolist(), dtype=np.float64)
+        syncs += 1
+        C_h, R_h, fixed = host[:n], host[n:n + k], host[n + k]
+        restarts += int(fixed.sum())
+        if not np.isfinite(host).all():
+            finite = False
+            break
+        T_new = np.zeros((n, n))
+        T_new[:n - k, :n - k] = T
+        T_new[:, n - k:] = C_h
+        T_new[n - k:, :] = C_h.T
+        T = (T_new + T_new.T) / 2
+        evals, evecs = np.linalg.eigh(T)
+        theta, S = evals[::-1][:k].copy(), evecs[:, ::-1][:, :k].copy()
+        resid = np.linalg.norm(R_h @ S[n - k:], axis=0) / np.maximum(np.abs(theta), 1e-300)
+        if history is not None:
+            history.append((matvecs, tuple(float(r) for r in resid)))
+        scale = max(np.abs(T).max(), 1e-300)
+        invariant = np.abs(np.diag(R_h)) <= np.finfo(np.float64).eps ** 0.5 * scale
+        if tol is not None and bool((resid <= tol).all()):
+            converged = True
+            break
+        if n + k > Q.shape[0] or n + k > dim:
+            break                        # the cap, or no room left for a whole new block
+        if invariant.all() and n >= k and np.all(resid <= np.finfo(np.float64).eps ** 0.5):
+            converged = True            # span(Q) is invariant: the Ritz pairs are exact
+            break
+        P, fixes = _orthonormal_block(P_next, Q[:n], generator,
+                                      replace=torch.as_tensor(invariant, device=device))
+    if not finite:
+        out = (torch.full((k,), float("nan"), device=device, dtype=dtype),
+               torch.full((dim, k), float("nan"), device=device, dtype=dtype))
+        info = EigenInfo(iterations=matvecs, residuals=(float("nan"),) * k, converged=False,
+                         finite=False, host_syncs=syncs, restarts=restarts)
+    else:
+        vecs = Q[:n].T @ torch.from_numpy(S).to(device=device, dtype=dtype)
+        out = (torch.from_numpy(theta).to(device=device, dtype=dtype), vecs)
+        info = EigenInfo(iterations=matvecs, residuals=tuple(float(r) for r in resid),
+                         converged=converged, finite=True, host_syncs=syncs, restarts=restarts)
+    return (*out, info) if return_info else out
+
+
+def _orthonormal_block(X: torch.Tensor, Q: torch.Tensor, generator: Optional[torch.Generator],
+                       replace: Optional[torch.Tensor] = None):
+    """Orthonormal columns spanning ``X`` projected off the rows of ``Q``; columns flagged in
+    ``replace`` (or that come out dependent) become random directions orthogonal to both.
+
+    Decided on the device: returns (the block ``[dim, b]``, a float mask of replaced columns)."""
+    dim, b = X.shape
+    R = _random((dim, b), "gauss", X.device, X.dtype, generator)
+    R = R / R.norm(dim=0, keepdim=True)
+    if replace is not None:
+        X = torch.where(replace[None, :], R, X)
+    for _ in range(2):
+        X = X - Q.T @ (Q @ X)
+    P, Rx = torch.linalg.qr(X)
+    diag = Rx.diagonal().abs()
+    weak = diag <= torch.finfo(X.dtype).eps ** 0.5 * diag.max().clamp_min(torch.finfo(X.dtype).tiny)
+    fixes = weak.to(X.dtype) + (replace.to(X.dtype) if replace is not None else 0)
+    # dependent columns: swap in random ones and orthonormalise again (a no-op when none are weak)
+    X = torch.where(weak[None, :], R, P)
+    for _ in range(2):
+        X = X - Q.T @ (Q @ X)
+    return torch.linalg.qr(X).Q, fixes.clamp(max=1)
+
+
+__all__ += ["block_lanczos"]

@@ -237,9 +237,11 @@ class SharpnessModule(L.LightningModule):
         return sample
 
     @contextmanager
-    def extra_pass(self) -> Iterator[None]:
-        """A pass a method runs itself (SSAM-F's Fisher passes): counted in ``passes``."""
-        self.passes += 1
+    def extra_pass(self, samples: int | None = None) -> Iterator[None]:
+        """A pass a method runs itself (SSAM-F's Fisher passes), counted in ``passes`` at its FLOP
+        price: ``samples / batch size`` of a training pass over ``samples`` samples, else 1."""
+        batch = self.input_shape[0] if self.input_shape else None
+        self.passes += 1 if samples is None or not batch else samples / batch
         yield
 
     def before_base_step(self) -> bool:

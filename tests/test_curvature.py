@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from sharpbench.curvature import (HessianOperator, block_power_iteration, hutchinson_trace,
+from sharpbench.curvature import (HessianOperator, block_lanczos, block_power_iteration,
+                                  hutchinson_trace,
                                   hvp, lanczos, params_to_vector, power_iteration,
                                   vector_to_tensors)
 
@@ -247,6 +248,95 @@ def test_lanczos_float32_and_bad_args():
         lanczos(lambda v: A32 @ v, 40, k=5, num_iters=3)
     with pytest.raises(ValueError):
         lanczos(lambda v: A32 @ v, None, k=1)
+
+
+# --------------------------------------------------------------------------- warm-started block Lanczos
+
+def true_residuals(A, vals, vecs):
+    return [((A @ vecs[:, i] - vals[i] * vecs[:, i]).norm() / vals[i].abs()).item()
+            for i in range(len(vals))]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_block_lanczos_cold_matches_eigh_and_reports_true_residuals(k):
+    eigs = torch.cat([torch.tensor([50.0, 30, 20, 12, 10, 9]), torch.linspace(5, -3, 94)])
+    A, _ = sym_matrix(eigs, seed=3)
+    c = Counter(A)
+    history = []
+    vals, vecs, info = block_lanczos(c, 100, k, max_matvecs=80, tol=1e-6, dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(0), return_info=True,
+                                     history=history)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:k]
+    torch.testing.assert_close(vals, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+    # the residual it stops on costs no matvec, and equals ‖Av − λv‖/|λ| computed directly
+    assert info.converged and max(info.residuals) <= 1e-6
+    torch.testing.assert_close(torch.tensor(info.residuals), torch.tensor(true_residuals(A, vals, vecs)),
+                               rtol=1e-3, atol=1e-12)
+    assert c.calls == info.iterations and c.calls % k == 0
+    assert info.host_syncs == c.calls // k == len(history)         # one read per block
+    assert [h[0] for h in history] == list(range(k, c.calls + 1, k))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_block_lanczos_warm_start_costs_a_few_matvecs(k):
+    # the operator changes a little between solves, as a Hessian does between refreshes
+    eigs = torch.cat([torch.tensor([50.0, 30, 20]), torch.linspace(8, -3, 97)])
+    A, _ = sym_matrix(eigs, seed=4)
+    g = torch.Generator().manual_seed(1)
+    E = torch.randn(100, 100, generator=g, dtype=torch.float64)
+    A2 = A + 0.02 * (E + E.T)
+    _, V = block_lanczos(lambda v: A @ v, 100, k, max_matvecs=60, tol=1e-8, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    cold, warm = Counter(A2), Counter(A2)
+    _, _, info_cold = block_lanczos(cold, 100, k, max_matvecs=60, tol=1e-3, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(0), return_info=True)
+    vals, vecs, info_warm = block_lanczos(warm, 100, k, max_matvecs=60, tol=1e-3, init=V,
+                                          generator=torch.Generator().manual_seed(0),
+                                          return_info=True)
+    assert info_cold.converged and info_warm.converged
+    assert warm.calls <= 3 * k and 2 * warm.calls <= cold.calls
+    assert max(true_residuals(A2, vals, vecs)) <= 1e-3
+    # from the exact eigenvectors: one block
+    _, V2 = torch.linalg.eigh(A2)
+    exact = Counter(A2)
+    _, _, info = block_lanczos(exact, 100, k, tol=1e-8, init=V2.flip(1)[:, :k], return_info=True)
+    assert exact.calls == k and info.converged
+
+
+def test_block_lanczos_bad_starts_caps_and_non_finite():
+    A, _ = sym_matrix(torch.linspace(1, 10, 12), seed=6)
+    # zero, NaN and duplicated columns are replaced by random directions
+    init = torch.zeros(12, 3, dtype=torch.float64)
+    init[:, 1] = float("nan")
+    vals, vecs = block_lanczos(lambda v: A @ v, 12, 3, max_matvecs=12, tol=1e-10, init=init,
+                               generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-8, atol=0)
+    same = torch.randn(12, 1, dtype=torch.float64).repeat(1, 3)
+    vals, _ = block_lanczos(lambda v: A @ v, 12, 3, max_matvecs=12, tol=1e-10, init=same,
+                            generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-8, atol=0)
+    # the cap: no tolerance runs whole blocks up to max_matvecs (rounded up to a block)
+    c = Counter(A)
+    _, _, info = block_lanczos(c, 12, 2, max_matvecs=5, dtype=torch.float64, return_info=True)
+    assert c.calls == 6 and not info.converged
+    # a NaN product: reported, never raised
+    _, _, info = block_lanczos(lambda v: torch.full_like(v, float("nan")), 12, 2,
+                               dtype=torch.float64, return_info=True)
+    assert not info.finite and not info.converged
+    with pytest.raises(ValueError, match="max_matvecs"):
+        block_lanczos(lambda v: A @ v, 12, 3, max_matvecs=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="tol"):
+        block_lanczos(lambda v: A @ v, 12, 3, tol=0.0, dtype=torch.float64)
+
+
+def test_block_lanczos_on_hessian_operator(mlp_hessian):
+    model, x, y, H = mlp_hessian
+    op = HessianOperator(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    vals, vecs, info = block_lanczos(op, k=2, max_matvecs=op.dim, tol=1e-8,
+                                     generator=torch.Generator().manual_seed(0), return_info=True)
+    torch.testing.assert_close(vals, torch.linalg.eigvalsh(H).flip(0)[:2], rtol=1e-6, atol=1e-10)
+    assert info.converged and op.num_hvps == info.iterations
 
 
 # --------------------------------------------------------------------------- block power / Hutchinson

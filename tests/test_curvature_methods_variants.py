@@ -154,11 +154,13 @@ def test_a2sam_relative_alpha_is_scale_free():
         assert torch.allclose(outs[0], outs[1], rtol=1e-6, atol=1e-9) == same
 
 
-def test_a2sam_records_each_solve_and_keeps_geometry_on_non_finite(caplog):
+@pytest.mark.parametrize("solver", ["lanczos", "block"])
+def test_a2sam_records_each_solve_and_keeps_geometry_on_non_finite(caplog, solver):
     data = batches(5, seed=22)
     model = tiny_model()
     opt = A2SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, alpha=2.0, k=2, interval=2,
-                lanczos_iters=20, lanczos_tol=1e-3, lanczos_check_every=4)
+                lanczos_iters=20, lanczos_tol=1e-3, lanczos_check_every=4, solver=solver)
+    every = 4 if solver == "lanczos" else 2      # a check every 4 iterations, or every block of k
     for t, (x, y) in enumerate(data):
         closure, loss_closure = closures(model, opt, x, y)
         poisoned = (lambda lc=loss_closure: lc() * float("nan")) if t == 2 else loss_closure
@@ -169,8 +171,8 @@ def test_a2sam_records_each_solve_and_keeps_geometry_on_non_finite(caplog):
             assert torch.equal(opt.eigenvalues, before)  # previous geometry kept
         s = opt.method_state
         if t == 0:
-            assert 4 <= s["eigen_iterations_last"] <= 20 and s["eigen_iterations_last"] % 4 == 0
-            assert s["refresh_host_syncs_last"] == s["eigen_iterations_last"] // 4
+            assert 2 <= s["eigen_iterations_last"] <= 20 and s["eigen_iterations_last"] % every == 0
+            assert s["refresh_host_syncs_last"] == s["eigen_iterations_last"] // every
             assert len(s["eigen_residuals_last"]) == 2
             assert max(s["eigen_residuals_last"]) <= 1e-3 or s["num_unconverged_solves"] == 1
     assert opt.method_state["num_nonfinite_solves"] == 1 and opt.num_eigen_solves == 3
@@ -178,6 +180,12 @@ def test_a2sam_records_each_solve_and_keeps_geometry_on_non_finite(caplog):
     assert torch.isfinite(flat(model)).all()
     summary = opt.solve_summary()
     assert summary["eigen_solves"] == 3 and summary["eigen_nonfinite_solves"] == 1
+    # one row per solve, the poisoned one included: step, matvecs, largest residual, converged
+    rows = summary["eigen_refreshes"]
+    assert [r[0] for r in rows] == [0, 2, 4] and math.isnan(rows[1][2]) and not rows[1][3]
+    assert all(r[3] == (r[2] <= 1e-3) for r in (rows[0], rows[2]))
+    assert summary["eigen_tol"] == 1e-3
+    assert summary["eigen_residual_max"] == max(rows[0][2], rows[2][2])
 
 
 # ================================================================================ X-SAM
@@ -237,10 +245,11 @@ def test_xsam_per_epoch_schedule_refreshes_at_batch_freq_of_each_epoch():
     assert torch.equal(flat(m1), flat(m2))
 
 
-def test_xsam_keeps_previous_eigenvector_on_non_finite_solve():
+@pytest.mark.parametrize("solver", ["power", "lanczos"])
+def test_xsam_keeps_previous_eigenvector_on_non_finite_solve(solver):
     data = batches(3, seed=9)
     model = tiny_model()
-    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, freq=1, power_iters=3)
+    opt = XSAM(model.parameters(), torch.optim.SGD, lr=0.1, freq=1, power_iters=3, solver=solver)
     for t, (x, y) in enumerate(data):
         closure, loss_closure = closures(model, opt, x, y)
         kept = None if t == 0 else [opt.state[p]["eigvec"].clone() for p in model.parameters()]
@@ -249,7 +258,9 @@ def test_xsam_keeps_previous_eigenvector_on_non_finite_solve():
         if t == 1:
             assert all(torch.equal(opt.state[p]["eigvec"], k) for p, k in zip(model.parameters(), kept))
     assert opt.method_state["num_nonfinite_solves"] == 1 and torch.isfinite(flat(model)).all()
-    assert opt.method_state["refresh_host_syncs_last"] == 1
+    # power iteration reads the device once per solve; Lanczos once per product (k = 1)
+    last = opt.method_state["eigen_refreshes"][-1][1]
+    assert opt.method_state["refresh_host_syncs_last"] == (1 if solver == "power" else last)
 
 
 def test_module_hessian_losses():
@@ -289,10 +300,13 @@ class ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("cls,kw", [(A2SAM, dict(k=2, interval=2, lanczos_iters=8, lanczos_tol=1e-3,
-                                                 lanczos_check_every=4)),
-                                    (XSAM, dict(freq=2, power_iters=3))])
-def test_no_scalar_reads_in_steps_and_refreshes(cls, kw):
+@pytest.mark.parametrize("cls,kw,reads", [
+    (A2SAM, dict(k=2, interval=2, lanczos_iters=8, lanczos_tol=1e-3, lanczos_check_every=4,
+                 solver="lanczos"), 2),                   # 8 iterations, a check every 4
+    (A2SAM, dict(k=2, interval=2, lanczos_iters=8, lanczos_tol=1e-3, solver="block"), 4),  # per block
+    (XSAM, dict(freq=2, power_iters=3, solver="power"), 1),   # one read per power-iteration solve
+    (XSAM, dict(freq=2, power_iters=3, solver="lanczos", tol=1e-12), 3)])  # one per product
+def test_no_scalar_reads_in_steps_and_refreshes(cls, kw, reads):
     """The solvers read the device once per check (a bulk .tolist(), counted in host_syncs), never
     element by element; ordinary steps read nothing."""
     model = tiny_model()
@@ -303,8 +317,7 @@ def test_no_scalar_reads_in_steps_and_refreshes(cls, kw):
             opt.step(closure, loss_closure=loss_closure)
         assert mode.reads == 0
     assert opt.num_eigen_solves == 2
-    expected = 2 if cls is A2SAM else 1  # A²SAM: 8 iterations, a check every 4; X-SAM: one read
-    assert opt.method_state["refresh_host_syncs_last"] == expected
+    assert opt.method_state["refresh_host_syncs_last"] == reads
 
 
 # ================================================================================ cost

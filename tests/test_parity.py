@@ -495,14 +495,17 @@ def test_per_sample_fisher_equals_256_single_sample_backward_passes():
             acc += gi * gi
     model.train()
 
-    sums, n = fisher_terms(model, params, x, y, batch_size=64)
+    sums, n = fisher_terms(model, params, x, y, batch_size=64, method="vmap")
     assert n == 256 and model.training
     for a, b in zip(sums, loop):
         assert (a - b).abs().max().item() <= 1e-10 * max(1.0, b.abs().max().item())
     looped, _ = fisher_terms(model, params, x[:16], y[:16], method="loop")
-    vmapped, _ = fisher_terms(model, params, x[:16], y[:16], batch_size=5)
-    for a, b in zip(looped, vmapped):
-        assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+    automatic, _ = fisher_terms(model, params, x[:16], y[:16])          # auto: the loop on CPU
+    for method in ("vmap", "batched"):
+        other, _ = fisher_terms(model, params, x[:16], y[:16], batch_size=5, method=method)
+        for a, b, c in zip(looped, other, automatic):
+            assert (a - b).abs().max().item() <= 1e-12 * max(1.0, b.abs().max().item())
+            assert torch.equal(a, c)
     for a, b in zip(model.buffers(), buffers):             # BatchNorm left alone
         assert torch.equal(a, b)
 
@@ -552,7 +555,8 @@ def test_module_applies_bn_policy_from_the_optimizer_config(policy, counted):
 @pytest.mark.parametrize("field, value, choices", [("bn_policy", "second_pass", "first_pass"),
                                                     ("fisher_estimator", "exact", "per_sample"),
                                                     ("fisher_bn", "frozen", "eval"),
-                                                    ("fisher_method", "jvp", "vmap")])
+                                                    ("fisher_method", "jvp", "vmap"),
+                                                    ("fisher_method", "jvp", "batched")])
 def test_bad_driver_fields_are_refused_with_the_choices(field, value, choices):
     from sharpbench.module import SharpnessModule
     from sharpbench.optim.factory import OptimizerConfigError

@@ -178,3 +178,33 @@ def test_bench_writes_markdown_and_csv(tmp_path):
     assert "| `sam` |" in text and "ops/step" in text
     rows = (tmp_path / "bench.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("section")
+
+
+def test_bench_cost_section_prices_refreshes_and_fisher(tmp_path):
+    """The amortised cost counts refresh steps: A²SAM's solves at their FLOP price, SSAM-F's Fisher
+    samples against a training batch of ``batch`` images, two-pass methods exactly 2."""
+    from sharpbench.bench import bench_cost
+    from sharpbench.cost import pass_flops
+    from sharpbench.bench import build_net
+    o = parse_options(["model=mlp2", "batch=128", "cost_batch=4", "cost_periods=1",
+                       "methods=sgd,sam,a2sam,ssam_f"])
+    rows = {r["method"]: r for r in bench_cost(o, torch.device("cpu"), lambda m: None)}
+    assert rows["sgd"]["cost_per_step"] == 1.0 and rows["sam"]["cost_per_step"] == 2.0
+    ssam = rows["ssam_f"]          # 256 Fisher samples every K = 5 steps, priced at batch 128
+    assert ssam["period"] == 5 and ssam["cost_per_step"] == pytest.approx(2 + (256 / 128) / 5)
+    a2 = rows["a2sam"]             # one refresh in the measured period: 1 + (graph + n·HVP)/interval
+    prices = pass_flops(build_net("mlp2"), (4, 3, 32, 32), 10)
+    assert a2["solves"] == 1 and a2["steps"] == a2["period"]
+    expected = 1 + (prices["graph_cost"] + a2["iterations_mean"] * prices["hvp_cost"]) / a2["period"]
+    assert a2["cost_per_step"] == pytest.approx(expected)
+    assert a2["claimed_cost"].startswith("(interval + k)/interval")
+    assert 0 < a2["residual_max"] < float("inf") and a2["eigen_tol"] > 0
+
+
+def test_bench_fisher_section_times_each_exact_method(tmp_path):
+    from sharpbench.bench import bench_fisher
+    o = parse_options(["model=mlp2", "batch=16", "fisher_samples=8", "fisher_batch=4", "repeats=1"])
+    rows = bench_fisher(o, torch.device("cpu"), lambda m: None)
+    assert [r["method"] for r in rows] == ["loop", "vmap", "batched"]
+    assert all(r["ms"] > 0 and r["passes"] > 0 for r in rows)
+    assert [r["auto"] for r in rows] == [True, False, False]        # the loop on CPU

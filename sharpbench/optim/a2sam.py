@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..curvature import HessianOperator, lanczos
+from ..curvature import HessianOperator, block_lanczos, lanczos
 from .base import (FlatBuffer, HessianCounters, SharpnessAwareOptimizer, bind_views,
                    check_positive, flat_buffer, flat_state, new_flat_state, require_closure,
                    scaled)
@@ -50,27 +50,34 @@ def ellipsoid_inverse_apply(g: Tensor | Sequence[Tensor], V: Tensor | Sequence[T
 
 @dataclass
 class A2SAMConfig(SGDStep):
-    """The source gives no values: these are ours. Cost in FLOPs (an HVP is about 2.04 passes on
-    ResNet-18): 1 + (2 + 2.04 iterations)/interval passes per step."""
+    """The source gives no values: these are ours, chosen by measurement on ResNet-18 / CIFAR-10
+    (docs/methods.md, "What A²SAM and X-SAM cost"). Cost in FLOPs (an HVP is 2.04 passes on
+    ResNet-18, the Hessian's graph 1.0): 1 + (1 + 2.04 n)/interval SGD steps per step, n the HVPs
+    a warm solve needs (about 8 for k = 2 at tol 0.05, 1.2 in all)."""
     rho: float = rho_key(0.05)
     alpha: float = key(0.1, "A2SAM: anisotropy, A = I + alpha * V Lambda V^T (0: the sphere, no "
                             "eigen-solve at all)", spec="float >= 0")
     alpha_mode: str = key("absolute", "A2SAM: alpha as given, or relative to the top eigenvalue "
                                       "(alpha / lambda_max: scale-free)", spec="absolute | relative")
-    k: int = key(5, "A2SAM: top Hessian eigenpairs shaping the ellipsoid", spec="int >= 1")
-    interval: int = key(50, "A2SAM: steps between eigen-solves", spec="int >= 1")
-    lanczos_tol: Optional[float] = key(0.01, "A2SAM: stop Lanczos when every Ritz residual is at "
+    k: int = key(2, "A2SAM: top Hessian eigenpairs shaping the ellipsoid", spec="int >= 1")
+    interval: int = key(100, "A2SAM: steps between eigen-solves", spec="int >= 1")
+    lanczos_tol: Optional[float] = key(0.05, "A2SAM: stop Lanczos when every Ritz residual is at "
                                              "most tol * |lambda| (0/null: always lanczos_iters)",
                                        spec="null | float >= 0")
-    lanczos_iters: int = key(30, "A2SAM: cap on Lanczos iterations (Hessian-vector products) per "
+    lanczos_iters: int = key(40, "A2SAM: cap on Lanczos iterations (Hessian-vector products) per "
                                  "eigen-solve; lanczos_tol may stop it earlier", spec="int >= 1")
-    lanczos_check_every: int = key(5, "A2SAM: iterations between residual checks (one host read "
-                                      "each)", spec="int >= 1")
+    lanczos_check_every: int = key(1, "A2SAM: iterations between residual checks of the "
+                                      "single-vector solver (one host read each; the block solver "
+                                      "checks after every block)", spec="int >= 1")
+    solver: str = key("lanczos", "A2SAM: block Lanczos warm-started from the previous eigenvectors "
+                               "(block), or single-vector Lanczos from the gradient plus their sum "
+                               "(lanczos)", spec="block | lanczos")
     stale_gradient: bool = key(True, "A2SAM: perturb with the previous step's gradient (1 pass per "
                                      "step) or a fresh one (false: 2 passes, like SAM)", spec="bool")
 
 
 @register_method("a2sam", label="A²SAM", passes=1, order=70, needs=("loss_closure",), config=A2SAMConfig,
+                 claimed_cost="(interval + k)/interval ≈ 1.1–1.25",
                  paper='"A²SAM: Accelerated Anisotropic Sharpness-Aware Minimization", an '
                        'unpublished method description (specified in docs/methods.md)')
 class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
@@ -114,15 +121,25 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
       compression depends on the Hessian's scale (with λ_max ≈ 40, α = 0.1 shrinks the top axis
       by 1/sqrt(5)).
 
-    Eigen-solve: Lanczos with full reorthogonalisation, stopped once every one of the top ``k``
-    Ritz pairs has ``‖Hv − λv‖ <= lanczos_tol·|λ|`` (checked every ``lanczos_check_every``
-    iterations, from the tridiagonal matrix, no extra HVP) and after ``lanczos_iters`` HVPs at the
-    latest (``lanczos_tol=0`` or ``None``: always ``lanczos_iters``, one check at the end). It starts from ``ĝ_w + Σ_i v_i`` (the normalised gradient at ``w``, which
-    ``loss_closure`` yields for free, plus the previous eigenvectors): deterministic, and warm.
+    Eigen-solve (``solver``), stopped once every one of the top ``k`` Ritz pairs has
+    ``‖Hv − λv‖ <= lanczos_tol·|λ|`` and after ``lanczos_iters`` HVPs at the latest
+    (``lanczos_tol=0`` or ``None``: always ``lanczos_iters``), both warm-started from the previous
+    solve's eigenvectors (the first solve is cold):
+
+    - ``"lanczos"`` (default): single-vector Lanczos with full reorthogonalisation from
+      ``ĝ_w + Σ_i v_i`` (the normalised gradient at ``w``, which ``loss_closure`` yields for free,
+      plus the previous eigenvectors), residuals checked every ``lanczos_check_every`` iterations
+      from the tridiagonal matrix (no extra HVP);
+    - ``"block"``: block Lanczos from the previous ``V`` (``sharpbench.curvature.block_lanczos``),
+      a check after every block of ``k`` HVPs. A warm start that is already accurate converges in
+      one block; on ResNet-18 / CIFAR-10 it needed more HVPs than the single-vector solver at every
+      refresh measured (docs/methods.md, "What A²SAM and X-SAM cost"), so it is the alternative.
+
     A solve that returns a non-finite value is discarded: the previous ``(Λ, V)`` stay (the sphere
     before the first good solve), and the event is counted (``num_nonfinite_solves``) and logged.
-    HVPs run outside autocast (fp32): fp16 double backward through BatchNorm overflows. Each
-    solve's iterations and residuals are kept in ``method_state`` and go to metrics.json.
+    HVPs run outside autocast (fp32): fp16 double backward through BatchNorm overflows. Every
+    solve's HVPs, largest residual and whether it met the tolerance go to metrics.json
+    (``eigen_refreshes``, ``eigen_residual_max``; ``EigenSolveRecord``).
 
     Host synchronisation: none on ordinary steps; on a refresh step one device→host read per
     Lanczos check (the α/β coefficients, one transfer; the m×m tridiagonal problem is solved on
@@ -174,11 +191,13 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
 
     passes_per_step: float = 1.0  # closure calls per step after step 0 (see ``passes``)
     ALPHA_MODES = ("absolute", "relative")
+    SOLVERS = ("block", "lanczos")
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 alpha: float = 0.1, k: int = 5, interval: int = 50, lanczos_iters: int = 30,
-                 lanczos_tol: float | None = 0.01, lanczos_check_every: int = 5,
-                 stale_gradient: bool = True, alpha_mode: str = "absolute", **base_kwargs):
+                 alpha: float = 0.1, k: int = 2, interval: int = 100, lanczos_iters: int = 40,
+                 lanczos_tol: float | None = 0.05, lanczos_check_every: int = 1,
+                 stale_gradient: bool = True, alpha_mode: str = "absolute", solver: str = "lanczos",
+                 **base_kwargs):
         check_positive("rho", rho)
         if alpha < 0:
             raise ValueError(f"A2SAM's alpha must be >= 0 (0: the sphere, no eigen-solve), got {alpha}")
@@ -191,12 +210,14 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
                              f"tolerance, always run lanczos_iters), got {lanczos_tol}")
         if int(lanczos_check_every) < 1:
             raise ValueError(f"lanczos_check_every must be >= 1, got {lanczos_check_every}")
+        if solver not in self.SOLVERS:
+            raise ValueError(f"A2SAM's solver must be one of {self.SOLVERS}, got {solver!r}")
         if alpha_mode not in self.ALPHA_MODES:
             raise ValueError(f"alpha_mode must be one of {self.ALPHA_MODES}, got {alpha_mode!r}")
         self.alpha, self.k, self.interval = float(alpha), int(k), int(interval)
         self.lanczos_iters, self.lanczos_check_every = int(lanczos_iters), int(lanczos_check_every)
         self.lanczos_tol = float(lanczos_tol) if lanczos_tol else None
-        self.stale_gradient, self.alpha_mode = bool(stale_gradient), alpha_mode
+        self.stale_gradient, self.alpha_mode, self.solver = bool(stale_gradient), alpha_mode, solver
         if not self.stale_gradient:
             self.passes_per_step = 2.0
         super().__init__(params, base_optimizer, dict(rho=rho), **base_kwargs)
@@ -204,6 +225,10 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
         self.init_counters()
         self.init_solve_record()
         self.last_loss_is_perturbed = False
+
+    @property
+    def eigen_tol(self) -> float | None:
+        return self.lanczos_tol
 
     @property
     def eigenvalues(self) -> Tensor | None:
@@ -228,15 +253,22 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
             loss = loss_closure()
             self.method_state["num_loss_closure_calls"] += 1
             op = HessianOperator(loss, params)
-            init = op.gradient / op.gradient.norm().clamp_min(1e-30)
+            g = op.gradient / op.gradient.norm().clamp_min(1e-30)
             previous = self._eigvec_matrix(params)
-            if previous is not None:
-                init = init + previous.sum(dim=1)
-            # a zero or non-finite start is replaced by a random one inside lanczos (no sync)
+            # a zero or non-finite start is replaced by a random one inside the solver (no sync)
             generator = torch.Generator(device=device).manual_seed(int(self.method_state["step"]))
-            lam, V, info = lanczos(op.matvec, op.dim, self.k, num_iters=self.lanczos_iters,
-                                   init=init, generator=generator, tol=self.lanczos_tol,
-                                   check_every=self.lanczos_check_every, return_info=True)
+            if self.solver == "block":
+                # warm: the previous eigenvectors; cold (first solve): the gradient, then random
+                init = previous if previous is not None else g[:, None]
+                lam, V, info = block_lanczos(op.matvec, op.dim, self.k,
+                                             max_matvecs=self.lanczos_iters, init=init,
+                                             generator=generator, tol=self.lanczos_tol,
+                                             return_info=True)
+            else:
+                init = g + previous.sum(dim=1) if previous is not None else g
+                lam, V, info = lanczos(op.matvec, op.dim, self.k, num_iters=self.lanczos_iters,
+                                       init=init, generator=generator, tol=self.lanczos_tol,
+                                       check_every=self.lanczos_check_every, return_info=True)
         self.method_state["num_hvps"] += op.num_hvps
         self.method_state["num_eigen_solves"] += 1
         if self.record_solve(info, "Lanczos solve"):

@@ -27,6 +27,7 @@ class ASAMConfig(SGDStep):
 
 
 @register_method("asam", label="ASAM", passes=2, order=20, config=ASAMConfig,
+                 claimed_cost="2 (as SAM)",
                  paper='Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for '
                        'Scale-Invariant Learning of Deep Neural Networks", ICML 2021')
 class ASAM(SharpnessAwareOptimizer):

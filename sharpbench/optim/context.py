@@ -21,8 +21,10 @@ Inputs (set by the driver):
   ``"eval"``: plain cross-entropy with the model in eval mode.
 - ``sample(n)``: ``n`` un-augmented training samples ``(x, y)`` on the model's device, from a
   seeded stream (a Fisher estimate).
-- ``extra_pass()``: a context manager a method enters around each pass it runs itself (SSAM-F's
-  Fisher passes), so that the driver counts it as a pass and a profiler can tell it apart.
+- ``extra_pass(samples=None)``: a context manager a method enters around each pass it runs itself
+  (SSAM-F's Fisher passes), so that the driver counts it and a profiler can tell it apart; a pass
+  over ``samples`` samples counts as ``samples / batch size`` of a training pass (its FLOPs),
+  one without as a whole pass.
 - ``closure_of(reduce)``: a closure like the step's own, except that its loss is
   ``reduce(per_sample_losses, targets)``.
 - ``batch_idx``: the batch's index within its epoch.

@@ -7,10 +7,13 @@ For samples ``(x_i, y_i)``, ``i = 1..n``, and ``ℓ_i(w) = -log p(y_i | x_i; w)`
 
       S = Σ_i (∇ℓ_i(w))²                  (one squared gradient per sample)
 
-  computed with ``torch.func`` (``method="vmap"``): ``vmap`` over ``grad`` of a
-  ``functional_call`` of the model on one sample, ``batch_size`` samples per vectorised pass;
-  the result equals ``n`` single-sample backward passes (``method="loop"``) to rounding. Which
-  is faster depends on the device: on CPU the loop was (README, Fidelity).
+  computed by one of three exact methods (the same result to rounding):
+  ``method="loop"``, ``n`` single-sample backward passes (the authors' way);
+  ``method="vmap"``, ``torch.func``: ``vmap`` over ``grad`` of a ``functional_call`` of the model
+  on one sample, ``batch_size`` samples per vectorised pass; ``method="batched"``, one forward
+  pass per chunk of ``batch_size`` samples and a batched backward (``is_grads_batched``, eval-mode
+  BatchNorm only). ``method="auto"`` (default) picks the one measured fastest on the device
+  type: the loop on CPU, ``vmap`` on a GPU (expected; see :func:`resolve_method`).
 - ``chunked`` (cheaper; neither the SSAM paper nor its authors' code uses it; an explicit option)::
 
       S = Σ_chunks n_c · (∇ (1/n_c) Σ_{i∈c} ℓ_i(w))²      (squared chunk-mean gradients)
@@ -39,13 +42,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 ESTIMATORS = ("per_sample", "chunked")
 BN_MODES = ("eval", "train")
-METHODS = ("vmap", "loop")
+METHODS = ("auto", "loop", "vmap", "batched")
 
 
-def check_fisher_options(estimator: str, bn: str, batch_size: int, method: str = "vmap") -> None:
+def check_fisher_options(estimator: str, bn: str, batch_size: int, method: str = "auto") -> None:
     if method not in METHODS:
         raise ValueError(f"fisher_method must be one of {METHODS} (how per-sample gradients are "
                          f"computed; the result is the same), got {method!r}")
+    if method == "batched" and bn != "eval":
+        raise ValueError("fisher_method=batched backpropagates a whole chunk in one pass, so its "
+                         "samples must not interact: it needs fisher_bn=eval (with fisher_bn=train "
+                         "use fisher_method=loop or vmap)")
     if estimator not in ESTIMATORS:
         raise ValueError(f"fisher estimator must be one of {ESTIMATORS} (per_sample is the "
                          f"paper's and the authors'), got {estimator!r}")
@@ -143,6 +150,34 @@ def looped_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor,
     return sums
 
 
+def batched_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
+                          batch_size: int = 32) -> list[Tensor]:
+    """``Σ_i (∇_w ℓ_i)²`` from one forward pass per chunk of ``batch_size`` samples and a batched
+    backward: ``autograd.grad(ℓ, w, grad_outputs=I, is_grads_batched=True)`` gives row ``i`` of the
+    per-sample Jacobian, ``∇ℓ_i``. Exact only when the samples do not interact in the forward pass
+    (BatchNorm in eval mode), which :func:`check_fisher_options` enforces."""
+    sums = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for xc, yc in zip(x.split(batch_size), y.split(batch_size)):
+            losses = F.cross_entropy(_at_least_fp32(model(xc)), yc, reduction="none")
+            eye = torch.eye(len(yc), device=losses.device, dtype=losses.dtype)
+            grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True,
+                                        allow_unused=True)
+            for s, g in zip(sums, grads):
+                if g is not None:
+                    s.add_(torch.einsum("b...,b...->...", g, g).to(s.dtype))
+    return sums
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    """``auto``: the exact per-sample method measured fastest on the device type
+    (``scripts/measure_fisher_cost.py``): the loop of single-sample passes on CPU; on a GPU, where
+    small passes leave the device idle, ``vmap`` is expected to be faster (not measured here)."""
+    if method != "auto":
+        return method
+    return "loop" if device.type == "cpu" else "vmap"
+
+
 def chunked_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor,
                           batch_size: int = 64) -> list[Tensor]:
     """``Σ_chunks n_c · (∇ mean_{i∈c} ℓ_i)²`` (``.grad`` is not touched)."""
@@ -159,7 +194,7 @@ def chunked_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: 
 
 def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *,
                  estimator: str = "per_sample", batch_size: int = 32, bn: str = "eval",
-                 method: str = "vmap") -> tuple[list[Tensor], int]:
+                 method: str = "auto") -> tuple[list[Tensor], int]:
     """``(S, n)`` for the samples ``x, y``: what an SSAM-F ``fisher_closure`` returns.
 
     Example (plain PyTorch)::
@@ -172,8 +207,11 @@ def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *
     # In the parameters' precision: autocast is switched off (it does not compose with vmap's
     # batch-norm rule on every device, and squared gradients are better kept in fp32).
     with bn_mode(model, bn), torch.autocast(device_type=x.device.type, enabled=False):
+        method = resolve_method(method, x.device)
         if estimator == "per_sample" and method == "loop":
             sums = looped_squared_grads(model, params, x, y)
+        elif estimator == "per_sample" and method == "batched":
+            sums = batched_squared_grads(model, params, x, y, batch_size)
         elif estimator == "per_sample":
             sums = per_sample_squared_grads(model, params, x, y, batch_size)
         else:

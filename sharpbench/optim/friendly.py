@@ -33,6 +33,7 @@ class FriendlySAMConfig(SGDStep):
 
 
 @register_method("friendly_sam", label="FriendlySAM", passes=2, order=30, config=FriendlySAMConfig,
+                 claimed_cost="2 (as SAM)",
                  paper='Li et al., "Friendly Sharpness-Aware Minimization", CVPR 2024')
 class FriendlySAM(SharpnessAwareOptimizer):
     """Friendly Sharpness-Aware Minimization (Li et al., "Friendly Sharpness-Aware Minimization",

@@ -37,6 +37,7 @@ class GSAMConfig(SGDStep):
 
 
 @register_method("gsam", label="GSAM", passes=2, order=100, config=GSAMConfig,
+                 claimed_cost="2 (as SAM, negligible overhead)",
                  paper='Zhuang et al., "Surrogate Gap Guided Sharpness-Aware Minimization", '
                        'ICLR 2022')
 class GSAM(SharpnessAwareOptimizer):

@@ -33,6 +33,7 @@ class HATAMConfig(MethodConfig):
 
 
 @register_method("hatam", label="HATAM", passes=1, order=80, baseline="adamw", config=HATAMConfig,
+                 claimed_cost="1 (one pass, as AdamW)",
                  paper='"HATAM: Heuristic Anisotropic Trajectory-Aware Minimization", an '
                        'unpublished method description (specified in docs/methods.md)')
 class HATAM(Optimizer):

@@ -22,5 +22,6 @@ PLAIN = (
 
 for _name, _label, _order, _bench, _config, _paper in PLAIN:
     register(MethodInfo(name=_name, label=_label, cls=None, paper=_paper, passes=1.0, base=_name,
+                        claimed_cost="1",
                         order=_order, bench=_bench, baseline="adamw" if "adam" in _name else "sgd",
                         config=_config, module=__name__))

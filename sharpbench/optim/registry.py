@@ -64,7 +64,9 @@ class MethodInfo:
     - ``bench``: whether ``sharpbench bench`` times it by default;
     - ``baseline``: the one-pass method its cost is compared with (sgd or adamw);
     - ``config``: its typed config, a dataclass extending a base-step block of
-      :mod:`sharpbench.optim.step_config` (``None``: its YAML file is its only description).
+      :mod:`sharpbench.optim.step_config` (``None``: its YAML file is its only description);
+    - ``claimed_cost``: the cost per step its source states, in SGD steps, as the source puts it
+      (empty: the source states none); ``sharpbench bench`` prints it beside the measured cost.
     """
 
     name: str
@@ -79,6 +81,7 @@ class MethodInfo:
     baseline: str = "sgd"
     config: type | None = field(default=None, compare=False)
     module: str = field(default="", compare=False)
+    claimed_cost: str = ""
 
     @property
     def plain(self) -> bool:
@@ -121,12 +124,13 @@ def _same_class(a: type | None, b: type | None) -> bool:
 
 def register_method(name: str, *, label: str, paper: str, passes: float,
                     needs: tuple[str, ...] = (), order: float = 100.0, bench: bool = True,
-                    baseline: str = "sgd", config: type | None = None) -> Callable[[T], T]:
+                    baseline: str = "sgd", config: type | None = None,
+                    claimed_cost: str = "") -> Callable[[T], T]:
     """Class decorator: declare the optimizer class as method ``name`` (see :class:`MethodInfo`)."""
     def decorate(cls: T) -> T:
         register(MethodInfo(name=name, label=label, cls=cls, paper=paper, passes=float(passes),
                             needs=tuple(needs), order=order, bench=bench, baseline=baseline,
-                            config=config, module=cls.__module__))
+                            config=config, module=cls.__module__, claimed_cost=claimed_cost))
         return cls
     return decorate
 

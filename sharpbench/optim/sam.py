@@ -74,6 +74,7 @@ class SAMConfig(SGDStep):
 
 
 @register_method("sam", label="SAM", passes=2, order=10, config=SAMConfig,
+                 claimed_cost="2 (two sequential gradient computations)",
                  paper='Foret et al., "Sharpness-Aware Minimization for Efficiently Improving '
                        'Generalization", ICLR 2021')
 class SAM(SharpnessAwareOptimizer):

@@ -463,12 +463,15 @@ def bench_fisher(o: dict, device: torch.device, log: Callable[[str], None]) -> l
         F.cross_entropy(model(xb), yb).backward()
 
     def estimate(method: str) -> Callable[[], None]:
+        if method == "chunked":    # the cheaper estimator (squared chunk-mean gradients), for scale
+            return lambda: [fisher_terms(model, params, xc, yc, batch_size=b, estimator="chunked")
+                            for xc, yc in zip(x.split(b), y.split(b))]
         return lambda: [fisher_terms(model, params, xc, yc, batch_size=b, method=method)
                         for xc, yc in zip(x.split(b), y.split(b))]
 
-    methods = ("loop", "vmap", "batched")
+    methods = ("loop", "vmap", "batched", "chunked")
     times: dict[str, list[float]] = {m: [] for m in ("pass", *methods)}
-    for m in methods:                              # warm-up: one call each (vmap traces)
+    for m in methods[:3]:                          # warm-up: one call each (vmap traces)
         fisher_terms(model, params, x[:b], y[:b], batch_size=b, method=m)
     train_pass()
     for r in range(o["repeats"]):
@@ -793,8 +796,9 @@ def markdown(o: dict, device: torch.device, results: dict[str, list[dict]], comm
                              f" / {fmt(r['eigen_tol'], '.3g')}" if r["solves"] else "–"),
                             f"{r['ms_per_step']:.0f}", fmt(r["wall_vs_baseline"], ".2f")])
     out += table(results.get("fisher"),
-                 f"SSAM-F's per-sample Fisher, one estimate by each exact method (same result; "
-                 f"passes: the estimate's time over a training pass of {o['batch']} images):",
+                 f"SSAM-F's per-sample Fisher, one estimate by each exact method (same result), and "
+                 f"the chunked estimator (another result, for scale); passes: the estimate's time "
+                 f"over a training pass of {o['batch']} images:",
                  ["method", "samples (per call)", "ms", "training passes", "fisher_method=auto"],
                  lambda r: [f"`{r['method']}`", f"{r['samples']} ({r['per_call']})",
                             f"{r['ms']:.0f}", f"{r['passes']:.2f}", "picked" if r["auto"] else ""])

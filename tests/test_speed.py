@@ -205,6 +205,6 @@ def test_bench_fisher_section_times_each_exact_method(tmp_path):
     from sharpbench.bench import bench_fisher
     o = parse_options(["model=mlp2", "batch=16", "fisher_samples=8", "fisher_batch=4", "repeats=1"])
     rows = bench_fisher(o, torch.device("cpu"), lambda m: None)
-    assert [r["method"] for r in rows] == ["loop", "vmap", "batched"]
+    assert [r["method"] for r in rows] == ["loop", "vmap", "batched", "chunked"]
     assert all(r["ms"] > 0 and r["passes"] > 0 for r in rows)
-    assert [r["auto"] for r in rows] == [True, False, False]        # the loop on CPU
+    assert [r["auto"] for r in rows] == [True, False, False, False]   # the loop on CPU

@@ -142,21 +142,21 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     (``eigen_refreshes``, ``eigen_residual_max``; ``EigenSolveRecord``).
 
     Host synchronisation: none on ordinary steps; on a refresh step one device→host read per
-    Lanczos check (the α/β coefficients, one transfer; the m×m tridiagonal problem is solved on
-    the host), so ``ceil(iterations / lanczos_check_every)`` reads per refresh
-    (``refresh_host_syncs_last``, ``num_host_syncs``).
+    residual check (the α/β coefficients, or the block's column of ``T``: one transfer; the small
+    projected problem is solved on the host), so ``ceil(iterations / lanczos_check_every)`` reads
+    per refresh, or one per block (``refresh_host_syncs_last``, ``num_host_syncs``). A read costs
+    little beside the HVP before it.
 
     Cost. Counted in FLOPs (``torch.utils.flop_counter``) on ResNet-18 / CIFAR, a
     Hessian-vector product costs 2.04 training passes (forward + backward) and the Hessian's
-    graph (``loss_closure`` + the gradient with ``create_graph``) 1.0. A refresh with ``n`` Lanczos
-    iterations therefore costs ``1 + 1 + 2.04·n`` passes, and a run averages
-    ``1 + (1 + 2.04·n)/interval`` passes per step (plus 1 on step 0); with ``n = 10`` and
-    ``interval = 50`` that is 1.43× SGD, 0.71× SAM. The source's claim, ``(interval + k)/interval``
-    passes per step (≈ 1.1 at ``interval=50, k=5``), counts one pass per eigenpair: it holds only
-    if a refresh costs ``k`` passes, e.g. ``interval=100`` with ``n=5`` iterations gives
-    ``1 + (1 + 10.2)/100 ≈ 1.11``, at the price of inaccurate lower eigenpairs (Ritz values are
-    lower bounds: the 4th and 5th come out too small, which only makes the ellipsoid rounder).
-    metrics.json reports the measured ``cost_per_step`` with every HVP at its FLOP price.
+    graph (``loss_closure`` + the gradient with ``create_graph``) 1.0, so a run averages
+    ``1 + (1 + 2.04·n)/interval`` SGD steps per step (plus 1 on step 0), ``n`` the HVPs a solve
+    needs. Warm solves on ResNet-18 / CIFAR-10 needed ``n`` = 8–13 for the defaults (``k = 2``,
+    tol 0.05): about 1.2. The source's claim, ``(interval + k)/interval`` (≈ 1.1 at
+    ``interval=50, k=5``), counts one pass per eigenpair; an eigenpair costs at least one HVP plus
+    its share of the graph, so even ``n = k`` gives 1.22 there, and the measured ``n`` for five
+    pairs (12–28) gives 1.5–1.8 (docs/methods.md, "What A²SAM and X-SAM cost"). metrics.json
+    reports the measured ``cost_per_step`` with every HVP at its FLOP price.
 
     BatchNorm: after step 0 (stale variant) the only closure call is at ``w + e``, so that pass
     (the first, which ``first_pass_updates_bn`` lets update the running statistics) updates them
@@ -185,8 +185,9 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
     counter and the eigen-solve record (see ``EigenSolveRecord``).
 
     Defaults (the source gives no values): ``rho=0.05`` (SAM's), ``alpha=0.1`` (untuned),
-    ``k=5``, ``interval=50``, ``lanczos_tol=0.01``, ``lanczos_iters=30`` (the cap),
-    ``lanczos_check_every=5``.
+    ``k=2``, ``interval=100``, ``solver="lanczos"``, ``lanczos_tol=0.05``, ``lanczos_iters=40``
+    (the cap), ``lanczos_check_every=1``: the cheapest measured setting whose every solve met its
+    tolerance at about 1.2 SGD steps per step.
     """
 
     passes_per_step: float = 1.0  # closure calls per step after step 0 (see ``passes``)

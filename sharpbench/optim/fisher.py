@@ -204,6 +204,7 @@ def fisher_terms(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, *
     check_fisher_options(estimator, bn, batch_size, method)
     if len(x) != len(y):
         raise ValueError(f"Fisher samples and labels differ in number: {len(x)} vs {len(y)}")
+    _names_of(model, params)       # every parameter must be the model's, whichever method runs
     # In the parameters' precision: autocast is switched off (it does not compose with vmap's
     # batch-norm rule on every device, and squared gradients are better kept in fp32).
     with bn_mode(model, bn), torch.autocast(device_type=x.device.type, enabled=False):

@@ -71,8 +71,9 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
 
     Per step ``t``, with ``v`` the top Hessian eigenvector (unit norm), at the defaults::
 
-        if t % freq == 0:  v <- power iteration (power_iters HVPs of loss_closure() at w_t),
-                                warm-started from the previous v
+        if t % freq == 0:  v <- top eigenvector of the Hessian of loss_closure() at w_t, from
+                                the previous v (Lanczos to ||Hv − λv|| <= tol·|λ|, at most
+                                power_iters HVPs)
         g   = ∇L_B(w)                       closure() at w            (pass 1)
         e   = rho · g / ||g||₂              SAM's perturbation (p = 2)
         g_p = ∇L_B(w + e)                   closure() at w + e        (pass 2)
@@ -81,16 +82,24 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
     The correction removes the fraction ``α`` of ``g_p``'s component along ``v``. It is
     *sign-invariant*: ``v`` and ``−v`` are the same eigenvector and give the same update.
 
-    Power iteration finds the eigenvalue of largest *magnitude* (for a network Hessian the top
-    positive one, in practice). ``power_iters`` HVPs apply H ``power_iters`` times (the last
-    product advances ``v``; its Rayleigh quotient, ``eigenvalue``, is one step behind). The first
+    The solver (``solver``): ``"lanczos"`` (default) finds the algebraically largest eigenpair by
+    Lanczos from the previous ``v`` (``sharpbench.curvature.block_lanczos`` with ``k = 1``), one
+    residual check per product, stopped at ``tol``; ``"power"`` (the paper's) runs
+    ``power_iters`` power iterations, which find the eigenvalue of largest *magnitude*: at
+    initialisation on CIFAR-10 that was a negative one (docs/methods.md), later in training the
+    top positive one. ``power_iters`` HVPs apply H ``power_iters`` times (the last product
+    advances ``v``; its Rayleigh quotient, ``eigenvalue``, is one step behind); with ``tol`` the
+    residual of the result is recorded and judged, but the iteration count is fixed. The first
     solve starts from the gradient at ``w`` (which ``loss_closure`` yields for free; gradients lie
     mostly in the top eigenspace), later ones from the previous ``v``. A solve with a non-finite
     result is discarded (the previous ``v`` stays; none before the first good solve, i.e. plain
     SAM), counted (``num_nonfinite_solves``) and logged: under fp16 a NaN eigenvector would
     otherwise reach the weights, since the correction comes after the loss scaler's overflow
-    check. HVPs run outside autocast (fp32). Defaults from the paper: ``alpha=0.2``, ``freq=5``
-    (3–5), ``power_iters=5``.
+    check. HVPs run outside autocast (fp32). Defaults: ``alpha=0.2`` (the paper's), ``freq=40``,
+    ``solver="lanczos"``, ``tol=0.05``, ``power_iters=10`` (the cap), chosen by measurement to
+    cost about SAM + 0.2 (docs/methods.md, "What A²SAM and X-SAM cost"); the paper's ``freq``
+    3–5 with 5 power iterations is ``freq=5 power_iters=5 solver=power tol=None`` (4.2 SGD steps
+    per step).
 
     Where the authors' code differs, each difference is a switch (defaults: ours):
 
@@ -124,10 +133,12 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
 
     Cost: 2 closure calls per step, plus per refresh one ``loss_closure`` call (forward and a
     backward with ``create_graph``: 1.0 training pass in FLOPs on ResNet-18) and ``power_iters``
-    HVPs (2.04 passes each): at the defaults ``2 + (1 + 5·2.04)/5 ≈ 4.2`` passes per step, 2.1×
-    SAM. metrics.json reports the measured ``cost_per_step``. Host synchronisation: one
-    device→host read per refresh (the finiteness flag and the residual of the solve, together);
-    none on other steps. ``step`` returns the loss of the first closure call (at ``w``), as SAM.
+    ``n`` HVPs (2.04 passes each): ``2 + (1 + 2.04·n)/freq``, about 2.2 at the defaults
+    (``n`` ≈ 3–4 on ResNet-18 / CIFAR-10), 4.2 at the paper's setting. metrics.json reports the
+    measured ``cost_per_step`` and every solve (``eigen_refreshes``). Host synchronisation on
+    refresh steps: one device→host read per product (Lanczos: its residual check) or one per
+    solve (power iteration: the finiteness flag and the residual, together); none on other
+    steps. ``step`` returns the loss of the first closure call (at ``w``), as SAM.
 
     Counters (python ints, saved in ``state_dict``): ``num_closure_calls``, ``num_hvps``,
     ``num_loss_closure_calls``, ``num_eigen_solves`` and ``passes``, their sum (an HVP counted as

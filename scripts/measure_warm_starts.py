@@ -99,7 +99,7 @@ def main() -> None:
                 loss = F.cross_entropy(model(x), y)
             op = HessianOperator(loss, params)
         g = op.gradient / op.gradient.norm()
-        record = {"step": step, "loss": float(loss)}
+        record = {"step": step, "loss": float(loss.detach())}
         for name in args.solvers:
             if step % (parse(name)[2] * args.every):
                 continue

@@ -26,16 +26,16 @@ LossClosure = Callable[[], Tensor]
 @dataclass
 class XSAMConfig(SGDStep):
     """Duan et al. 2026: alpha 0.2 (ours too); their freq 3-5 with 5 power iterations costs 4.1 SGD
-    steps per step, so ours refresh every 40 steps by Lanczos from the previous eigenvector to a
+    steps per step, so ours refresh every 60 steps by Lanczos from the previous eigenvector to a
     residual of 0.05 (about 2.2; docs/methods.md). The paper's setting: freq=5 power_iters=5
     solver=power tol=null. The authors' code (github.com/huang5467/X-SAM) differs in four more
     places; each is a switch."""
     rho: float = rho_key(0.05)
     alpha: float = key(0.2, "X-SAM: fraction of the perturbed gradient's component along the top "
                             "eigenvector removed", spec="float >= 0")
-    freq: int = key(40, "X-SAM: steps between refreshes of the top Hessian eigenvector",
+    freq: int = key(60, "X-SAM: steps between refreshes of the top Hessian eigenvector",
                     spec="int >= 1")
-    power_iters: int = key(10, "X-SAM: Hessian-vector products per refresh (with tol: the cap)",
+    power_iters: int = key(20, "X-SAM: Hessian-vector products per refresh (with tol: the cap)",
                            spec="int >= 1")
     solver: str = key("lanczos", "X-SAM: power iteration (the paper's) or Lanczos from the previous "
                                "eigenvector (lanczos)", spec="power | lanczos")
@@ -95,8 +95,8 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
     result is discarded (the previous ``v`` stays; none before the first good solve, i.e. plain
     SAM), counted (``num_nonfinite_solves``) and logged: under fp16 a NaN eigenvector would
     otherwise reach the weights, since the correction comes after the loss scaler's overflow
-    check. HVPs run outside autocast (fp32). Defaults: ``alpha=0.2`` (the paper's), ``freq=40``,
-    ``solver="lanczos"``, ``tol=0.05``, ``power_iters=10`` (the cap), chosen by measurement to
+    check. HVPs run outside autocast (fp32). Defaults: ``alpha=0.2`` (the paper's), ``freq=60``,
+    ``solver="lanczos"``, ``tol=0.05``, ``power_iters=20`` (the cap), chosen by measurement to
     cost about SAM + 0.2 (docs/methods.md, "What A²SAM and X-SAM cost"); the paper's ``freq``
     3–5 with 5 power iterations is ``freq=5 power_iters=5 solver=power tol=None`` (4.2 SGD steps
     per step).
@@ -133,8 +133,8 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
 
     Cost: 2 closure calls per step, plus per refresh one ``loss_closure`` call (forward and a
     backward with ``create_graph``: 1.0 training pass in FLOPs on ResNet-18) and ``power_iters``
-    ``n`` HVPs (2.04 passes each): ``2 + (1 + 2.04·n)/freq``, about 2.2 at the defaults
-    (``n`` ≈ 3–4 on ResNet-18 / CIFAR-10), 4.2 at the paper's setting. metrics.json reports the
+    ``n`` HVPs (2.04 passes each): ``2 + (1 + 2.04·n)/freq``, about 2.25 at the defaults
+    (``n`` ≈ 3–7 on ResNet-18 / CIFAR-10), 4.2 at the paper's setting. metrics.json reports the
     measured ``cost_per_step`` and every solve (``eigen_refreshes``). Host synchronisation on
     refresh steps: one device→host read per product (Lanczos: its residual check) or one per
     solve (power iteration: the finiteness flag and the residual, together); none on other
@@ -155,7 +155,7 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
     SOLVERS = ("power", "lanczos")
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
-                 alpha: float = 0.2, freq: int = 40, power_iters: int = 10,
+                 alpha: float = 0.2, freq: int = 60, power_iters: int = 20,
                  correction: str = "projection", normalize_gradient: bool = False,
                  hessian_loss: str = "train", refresh_schedule: str = "global",
                  solver: str = "lanczos", tol: float | None = 0.05, **base_kwargs):

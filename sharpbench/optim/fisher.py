@@ -171,7 +171,7 @@ def batched_squared_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: 
 
 def resolve_method(method: str, device: torch.device) -> str:
     """``auto``: the exact per-sample method measured fastest on the device type
-    (``scripts/measure_fisher_cost.py``): the loop of single-sample passes on CPU; on a GPU, where
+    (``scripts/measure_fisher_cost.py``, docs/fidelity.md): the loop on CPU; on a GPU, where
     small passes leave the device idle, ``vmap`` is expected to be faster (not measured here)."""
     if method != "auto":
         return method

@@ -375,9 +375,11 @@ def optimizer_members(option: str | None, node: Mapping) -> set[str]:
     cls = METHODS[option]
     if cls is None or getattr(cls, "takes_base_optimizer", True):
         names.add("base")
-    from .optim.base import SharpnessAwareOptimizer
+    from .optim.base import SCHEDULE_KEYS, SharpnessAwareOptimizer
     if cls is not None and issubclass(cls, SharpnessAwareOptimizer):
         names.add("bn_policy")  # the driver's BatchNorm policy: every multi-pass method has it
+        if cls.takes_schedule:  # which steps are sharpness-aware: every such method takes them
+            names.update(SCHEDULE_KEYS)
     names |= set(constructor_of("optimizer", option, _base(option, node))) - set(SUPPLIED_BY_DRIVER)
     names |= {k for k, v in OPTIMIZER.items() if v.options and option in v.options}
     names |= set(yaml_defaults("optimizer", option))

@@ -17,7 +17,7 @@ from .eigen_record import EigenSolveRecord
 from .sam import lp_ball_argmax
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, rho_key
+from .step_config import ScheduleKeys, SGDStep, rho_key
 
 LossClosure = Callable[[], Tensor]
 
@@ -49,7 +49,7 @@ def ellipsoid_inverse_apply(g: Tensor | Sequence[Tensor], V: Tensor | Sequence[T
 
 
 @dataclass
-class A2SAMConfig(SGDStep):
+class A2SAMConfig(SGDStep, ScheduleKeys):
     """The source gives no values: these are ours, chosen by measurement on ResNet-18 / CIFAR-10
     (docs/methods.md, "What A²SAM and X-SAM cost"). Cost in FLOPs (an HVP is 2.04 passes on
     ResNet-18, the Hessian's graph 1.0): 1 + (1 + 2.04 n)/interval SGD steps per step, n the HVPs
@@ -386,7 +386,7 @@ class A2SAM(EigenSolveRecord, HessianCounters, SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure=None, loss_closure: LossClosure | None = None,
+    def sharpness_step(self, closure=None, loss_closure: LossClosure | None = None,
              context: StepContext | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
         context = context if context is not None else StepContext()

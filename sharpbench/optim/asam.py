@@ -10,11 +10,11 @@ from torch import Tensor
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 
 @dataclass
-class ASAMConfig(SGDStep):
+class ASAMConfig(SGDStep, ScheduleKeys):
     """Kwon et al. 2021: rho 0.5 (CIFAR-10), 1.0 (CIFAR-100), eta 0.01."""
     rho: float = rho_key(0.5)
     eta: float = key(0.01, "ASAM: T = |w| + eta, the scale of the adaptive neighbourhood "

@@ -21,6 +21,11 @@ calls ``loss.backward()`` before ``step(closure)``, and its closure does not zer
 never adds to the gradients the method uses. ``step`` returns the loss of the first call, at the
 unperturbed weights.
 
+Which steps are sharpness-aware: all by default; ``sam_every=k`` and ``sam_prob=p`` (any method
+of this family, :mod:`sharpbench.optim.sharpness_schedule`) make the others plain base steps at
+one pass. A method writes its step as :meth:`sharpness_step`; :meth:`step` chooses between it and
+:meth:`plain_step`.
+
 What a step needs beyond the closure (DDP gradient averaging, clipping, an fp16 overflow check,
 and the inputs a few methods read) reaches it in one object, ``step(closure, context=...)``: see
 :mod:`sharpbench.optim.context`.
@@ -43,8 +48,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .context import StepContext
+from .sharpness_schedule import SharpnessSchedule
 
 Closure = Callable[..., Tensor]
+# Constructor keywords of every two-pass method that choose its sharpness-aware steps
+# (``sam_every=k``, ``sam_prob=p``, ``sam_seed``); see sharpbench.optim.sharpness_schedule.
+SCHEDULE_KEYS = ("sam_every", "sam_prob", "sam_seed")
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -60,12 +69,20 @@ class SharpnessAwareOptimizer(Optimizer):
 
     passes_per_step: float = 2.0
     closure_parts: tuple[str, ...] | None = None
+    # Whether the method's steps may be thinned out by ``sam_every`` / ``sam_prob``
+    # (:mod:`sharpbench.optim.sharpness_schedule`); False for methods that have their own.
+    takes_schedule: bool = True
 
     def __init__(self, params: Iterable, base_optimizer: type[Optimizer] | Callable[..., Optimizer],
                  method_defaults: dict, **base_kwargs):
         if isinstance(base_optimizer, Optimizer):
             raise TypeError("base_optimizer must be an optimizer class (e.g. torch.optim.SGD), "
                             "not an instance; pass its hyperparameters as keyword arguments")
+        self.schedule = SharpnessSchedule(**{key[4:]: base_kwargs.pop(key)
+                                             for key in SCHEDULE_KEYS if key in base_kwargs})
+        if self.schedule.active and not self.takes_schedule:
+            raise ValueError(f"{type(self).__name__} chooses its own sharpness-aware steps; "
+                             "leave sam_every=1 and sam_prob=1.0")
         defaults = dict(method_defaults, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -172,8 +189,22 @@ class SharpnessAwareOptimizer(Optimizer):
         return taken
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None, context: StepContext | None = None) -> Tensor:
-        """One step; ``closure`` is called twice (at ``w`` and at ``w + e``)."""
+    def step(self, closure: Closure | None = None, *args, **kwargs) -> Tensor:
+        """One step: the method's :meth:`sharpness_step`, or, on a step that ``sam_every`` /
+        ``sam_prob`` leave out, a plain base step (one pass at ``w``, :meth:`plain_step`).
+        Further arguments go to :meth:`sharpness_step`."""
+        if self.schedule.active and not self.schedule.due(self.method_state):
+            context = kwargs.get("context")
+            if context is None:
+                context = next((a for a in args if isinstance(a, StepContext)), None)
+            return self.plain_step(closure, context)
+        return self.sharpness_step(closure, *args, **kwargs)
+
+    @torch.no_grad()
+    def sharpness_step(self, closure: Closure | None = None,
+                       context: StepContext | None = None) -> Tensor:
+        """SAM's step; ``closure`` is called twice (at ``w`` and at ``w + e``). A method with
+        another step overrides this, not :meth:`step`."""
         closure = require_closure(closure, type(self).__name__)
         loss = self.call_closure(closure)
         self.first_step(context=context)
@@ -183,6 +214,17 @@ class SharpnessAwareOptimizer(Optimizer):
             self.restore()
         self.gradient_correction()
         self.base_step(context)
+        return loss
+
+    @torch.no_grad()
+    def plain_step(self, closure: Closure | None = None,
+                   context: StepContext | None = None) -> Tensor:
+        """The base optimizer's step with the gradient at ``w`` (one pass; nothing of the
+        method's own runs or advances)."""
+        closure = require_closure(closure, type(self).__name__)
+        loss = self.call_closure(closure)
+        self.base_step(context)
+        self.method_state["plain_steps"] = self.method_state.get("plain_steps", 0) + 1
         return loss
 
     # ------------------------------------------------------------------ state (checkpoints)

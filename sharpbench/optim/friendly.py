@@ -10,14 +10,14 @@ from torch import Tensor
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, scaled
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 
 EMA_ORDERS = ("update_first", "subtract_previous")
 
 
 @dataclass
-class FriendlySAMConfig(SGDStep):
+class FriendlySAMConfig(SGDStep, ScheduleKeys):
     """Li et al. 2024; the authors' run.sh (nblt/F-SAM): sigma 1, lmbda 0.95; rho 0.05 (the
     benchmark's, CIFAR-10; their run.sh uses 0.2 on CIFAR-100)."""
     rho: float = rho_key(0.05)

@@ -13,11 +13,11 @@ from .sam import lp_ball_argmax
 from .context import StepContext
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 
 @dataclass
-class GSAMConfig(SGDStep):
+class GSAMConfig(SGDStep, ScheduleKeys):
     """Zhuang et al. 2022: the paper tunes alpha in about [0.01, 0.3] (0.1 here); named
     ``gsam_alpha`` because ``alpha`` is RMSprop's. The authors' CIFAR example
     (juntang-zhuang/GSAM, example/train.py): gsam_alpha 0.4, adaptive true, rho 2.0, cosine lr."""
@@ -128,10 +128,10 @@ class GSAM(SharpnessAwareOptimizer):
         return min(max(rho_min + (rho - rho_min) * frac, lo), hi)
 
     @torch.no_grad()
-    def step(self, closure=None, context: StepContext | None = None) -> Tensor:
+    def sharpness_step(self, closure=None, context: StepContext | None = None) -> Tensor:
         """SAM's two passes and the corrected base step; ``context.logged["rho"]`` gets the radius
         this step used (the first group's ``rho_t``)."""
-        loss = super().step(closure, context)
+        loss = super().sharpness_step(closure, context)
         if context is not None:
             context.logged["rho"] = self.param_groups[0]["rho_t"]
         return loss

@@ -14,7 +14,7 @@ from .context import StepContext
 from .sam import lp_ball_argmax
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 PARTS = ("head", "tail")
 
@@ -46,7 +46,7 @@ def split_loss(per_sample_loss: Tensor, targets: Tensor, tail_mask_per_class: Te
 
 
 @dataclass
-class ImbSAMConfig(SGDStep):
+class ImbSAMConfig(SGDStep, ScheduleKeys):
     """Zhou et al. 2023; rho 0.05, the authors' scripts/train.py default."""
     rho: float = rho_key(0.05)
     class_threshold: Any = key(20, "ImbSAM: a class with at most this many training images is a "
@@ -151,7 +151,7 @@ class ImbSAM(SharpnessAwareOptimizer):
         return part
 
     @torch.no_grad()
-    def step(self, closure=None, context: StepContext | None = None) -> Tensor:
+    def sharpness_step(self, closure=None, context: StepContext | None = None) -> Tensor:
         closure = self.part_closure(require_closure(closure, type(self).__name__), context)
         loss_head = self.call_closure(closure, "head")
         head_params = self.params_with_grad()

@@ -13,7 +13,7 @@ from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, sca
 from .asam import ASAM
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 
 def dual_exponent(p: float) -> float:
@@ -65,7 +65,7 @@ def lp_ball_argmax(grads: list[Tensor], rho: list[float], p: float) -> list[Tens
 
 
 @dataclass
-class SAMConfig(SGDStep):
+class SAMConfig(SGDStep, ScheduleKeys):
     """Foret et al. 2021: rho 0.05 on CIFAR-10, 0.1 on CIFAR-100, the l_2 ball."""
     rho: float = rho_key(0.05)
     p: Any = key(2, "SAM's l_p neighbourhood: 2 (the standard ball), any p >= 1, or inf (the box)",

@@ -14,7 +14,7 @@ from .context import StepContext
 from .fisher import check_fisher_options, fisher_terms
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 
 FisherClosure = Callable[[], "int | tuple[list[Tensor], int]"]
 
@@ -31,7 +31,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 @dataclass
-class SparseSAMConfig(SGDStep):
+class SparseSAMConfig(SGDStep, ScheduleKeys):
     """SSAM's keys. The benchmark recipe (Feldman 2025, Table 1): sparsity 0.5, K = 5, rho 0.05.
     The authors' released code (Mi-Peng/Sparse-Sharpness-Aware-Minimization, solver/sam.py)
     differs in four places; each is a switch (theirs: full, floor, epoch, next_step)."""
@@ -445,7 +445,7 @@ class SSAMF(SparseSAM):
                 "fisher_closure=...) does this itself)")
 
     @torch.no_grad()
-    def step(self, closure=None, fisher_closure: FisherClosure | None = None,
+    def sharpness_step(self, closure=None, fisher_closure: FisherClosure | None = None,
              context: StepContext | None = None) -> Tensor:
         """One step: the Fisher passes if a refresh is due, then the two SAM passes (with
         ``refresh_timing="next_step"``: the two passes, then the Fisher passes)."""
@@ -457,7 +457,7 @@ class SSAMF(SparseSAM):
             self.refresh_mask(fisher_closure)
         elif due and fisher_closure is None:
             self.refresh_mask(None)                       # the clear error, before any pass
-        loss = super().step(closure, context)
+        loss = super().sharpness_step(closure, context)
         if due and self.refresh_timing == "next_step":
             self.refresh_mask(fisher_closure)
         return loss

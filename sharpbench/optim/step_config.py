@@ -80,6 +80,17 @@ class MethodConfig:
 
 
 @dataclass
+class ScheduleKeys(MethodConfig):
+    """Which steps of a two-pass method are sharpness-aware (every two-pass method's config
+    includes these; sharpbench/optim/sharpness_schedule.py)."""
+    sam_every: int = key(1, "sharpness-aware steps only every k-th step, plain base steps between "
+                            "(Composer's SAM interval); 1: every step", spec="int >= 1")
+    sam_prob: float = key(1.0, "each (sam_every-th) step sharpness-aware with this probability, "
+                               "plain otherwise (SS-SAM); 1: always", spec="float in (0, 1]")
+    sam_seed: int = key(0, "seed of the sam_prob draws (the same on every DDP rank)", spec="int")
+
+
+@dataclass
 class SGDStep(MethodConfig):
     """The base step of the SAM family on CIFAR: SGD with momentum 0.9, lr 0.1, weight decay 5e-4."""
     base: str = base_key("sgd")

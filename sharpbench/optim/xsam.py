@@ -18,13 +18,13 @@ from .sam import SAM
 from .context import StepContext
 from .registry import register_method
 from ..typed_config import key
-from .step_config import SGDStep, rho_key
+from .step_config import ScheduleKeys, SGDStep, rho_key
 
 LossClosure = Callable[[], Tensor]
 
 
 @dataclass
-class XSAMConfig(SGDStep):
+class XSAMConfig(SGDStep, ScheduleKeys):
     """Duan et al. 2026: alpha 0.2 (ours too); their freq 3-5 with 5 power iterations costs 4.1 SGD
     steps per step, so ours refresh every 60 steps by Lanczos from the previous eigenvector to a
     residual of 0.05 (about 2.2; docs/methods.md). The paper's setting: freq=5 power_iters=5
@@ -269,7 +269,7 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
         self.correct_gradient()
 
     @torch.no_grad()
-    def step(self, closure=None, loss_closure: LossClosure | None = None,
+    def sharpness_step(self, closure=None, loss_closure: LossClosure | None = None,
              batch_idx: int | None = None, context: StepContext | None = None) -> Tensor:
         closure = require_closure(closure, type(self).__name__)
         if context is not None:
@@ -285,6 +285,6 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
             self.method_state["num_closure_calls"] += 1
             return closure()
 
-        loss = super().step(counted, context)  # SAM's two passes, then correct_gradient(), then the base step
+        loss = super().sharpness_step(counted, context)  # SAM's two passes, then correct_gradient(), then the base step
         self.method_state["step"] += 1
         return loss

@@ -24,13 +24,15 @@ METHOD_COLORS = {
     "hatam": "#bcbd22",        # olive
     "xsam": "#17becf",         # cyan
     "gsam": "#393b79",         # indigo
+    "looksam": "#637939",      # dark olive green
+    "msam": "#d6616b",         # rose
     "adam": "#ad494a",
     "adamw": "#843c39",
     "rmsprop": "#7b4173",
 }
 # methods not in METHOD_COLORS (tab20b, none of them close to a colour above)
-EXTRA_COLORS = ("#6b6ecf", "#b5cf6b", "#e7ba52", "#d6616b", "#a55194", "#637939", "#9c9ede",
-                "#8c6d31", "#ce6dbd", "#cedb9c")
+EXTRA_COLORS = ("#6b6ecf", "#b5cf6b", "#e7ba52", "#a55194", "#9c9ede", "#8c6d31", "#ce6dbd",
+                "#cedb9c")
 
 _SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")
 _KNOWN = {}

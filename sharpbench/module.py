@@ -100,11 +100,15 @@ class SharpnessModule(L.LightningModule):
         self._eval: dict[str, dict[str, Tensor]] = {}
         self.eval_results: dict[str, dict[str, Any]] = {}
         self.train_loss_epoch: float | None = None  # mean training loss of the last epoch
+        # mean loss of the last epoch's steps whose loss is at w + e (MSAM, A²SAM's one-pass steps)
+        self.train_loss_perturbed_epoch: float | None = None
         self.train_acc_epoch: float | None = None   # training accuracy (%) of the last epoch
         self._first_bad: Tensor | None = None
         self._ddp = False
         self._loss_sum: Tensor | float = 0.0
         self._loss_count = 0
+        self._ploss_sum: Tensor | float = 0.0   # the same for losses at w + e
+        self._ploss_count = 0
         self._hits: Tensor | int = 0   # correct first-pass predictions this epoch (on the device)
         self._seen = 0
         self._bar_mark = (0.0, 0)      # (loss sum, count) when the progress bar was last updated
@@ -289,6 +293,9 @@ class SharpnessModule(L.LightningModule):
         if not context.loss_is_perturbed:  # the epoch's train loss: at the unperturbed weights only
             self._loss_sum = self._loss_sum + loss.double()
             self._loss_count += 1
+        else:
+            self._ploss_sum = self._ploss_sum + loss.double()
+            self._ploss_count += 1
         if self.is_logging_step():
             self.log_step_values(raw, lr, loss, context)
         return loss
@@ -335,6 +342,7 @@ class SharpnessModule(L.LightningModule):
         # (Lightning does not call this hook when it resumes mid-epoch: the sums are restored.)
         self._first_bad = None
         self._loss_sum, self._loss_count, self._hits, self._seen = 0.0, 0, 0, 0
+        self._ploss_sum, self._ploss_count = 0.0, 0
         self._bar_mark = (0.0, 0)
 
     def watch_divergence(self, loss: Tensor) -> None:
@@ -368,6 +376,10 @@ class SharpnessModule(L.LightningModule):
         if self._loss_count:  # one host sync per epoch
             self.train_loss_epoch = float(self._loss_sum) / self._loss_count
             self.log("train/loss_epoch", self.train_loss_epoch, on_step=False, on_epoch=True)
+        if self._ploss_count:
+            self.train_loss_perturbed_epoch = float(self._ploss_sum) / self._ploss_count
+            self.log("train/loss_perturbed_epoch", self.train_loss_perturbed_epoch, on_step=False,
+                     on_epoch=True)
         hits, seen = self._hits, self._seen
         if self.trainer.world_size > 1:
             pair = torch.stack([torch.as_tensor(hits, device=self.device).double(),
@@ -438,6 +450,8 @@ class SharpnessModule(L.LightningModule):
             "passes": self.passes, "steps_done": self.steps_done,
             "skipped_steps": self.skipped_steps, "train_loss_epoch": self.train_loss_epoch,
             "epoch_loss": (float(self._loss_sum), self._loss_count),  # a mid-epoch save
+            "epoch_loss_perturbed": (float(self._ploss_sum), self._ploss_count),
+            "train_loss_perturbed_epoch": self.train_loss_perturbed_epoch,
             "epoch_hits": (int(self._hits), self._seen), "train_acc_epoch": self.train_acc_epoch,
             "eval_results": self.eval_results,  # the last evaluation (val/test) before this step
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -453,6 +467,8 @@ class SharpnessModule(L.LightningModule):
         self.skipped_steps = state.get("skipped_steps", 0)
         self.train_loss_epoch = state.get("train_loss_epoch")
         self._loss_sum, self._loss_count = state.get("epoch_loss", (0.0, 0))
+        self._ploss_sum, self._ploss_count = state.get("epoch_loss_perturbed", (0.0, 0))
+        self.train_loss_perturbed_epoch = state.get("train_loss_perturbed_epoch")
         self._hits, self._seen = state.get("epoch_hits", (0, 0))
         self._bar_mark = (float(self._loss_sum), self._loss_count)
         self.train_acc_epoch = state.get("train_acc_epoch")

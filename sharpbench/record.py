@@ -362,6 +362,8 @@ def build_record(*, cfg_summary: dict, module, timer: RunTimer, trainer, status:
     }
     record.update(step_cost(module, opt))
     record["train_loss"] = module.train_loss_epoch
+    # the last epoch's mean loss at w + e, for methods whose steps return it (MSAM, A²SAM)
+    record["train_loss_perturbed"] = getattr(module, "train_loss_perturbed_epoch", None)
     record["train_acc"] = module.train_acc_epoch
     for split in ("val", "test"):
         res = module.eval_results.get(split)

@@ -1,4 +1,4 @@
-"""FriendlySAM, SSAM-F, SSAM-D, ImbSAM and GSAM against hand-written updates.
+"""FriendlySAM, SSAM-F, SSAM-D, ImbSAM, GSAM, LookSAM and MSAM against hand-written updates.
 
 Each reference below is plain tensor math on a copy of the weights (gradients by autograd on a
 hand-written forward), with a hand-written SGD (momentum 0.9, weight decay 5e-4) step; nothing in
@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sharpbench.bench import optimizer_config
-from sharpbench.optim import GSAM, SSAMD, SSAMF, FriendlySAM, ImbSAM, split_loss, tail_class_mask
+from sharpbench.optim import (GSAM, MSAM, SSAMD, SSAMF, FriendlySAM, ImbSAM, LookSAM, split_loss,
+                              tail_class_mask)
 from sharpbench.optim.factory import build_optimizer
 
 DT = torch.float64
@@ -523,3 +524,88 @@ def test_gsam_config_with_rmsprop_keeps_both_alphas():
     opt = build_optimizer(make_model(), cfg)
     assert isinstance(opt.base_optimizer, torch.optim.RMSprop)
     assert opt.param_groups[0]["alpha"] == 0.95 and opt.param_groups[0]["gsam_alpha"] == 0.3
+
+
+# ------------------------------------------------------------------------------ LookSAM
+@pytest.mark.parametrize("k, alpha", [(3, 0.7), (1, 0.5), (4, 0.0)])
+def test_looksam_matches_hand_written(k, alpha):
+    rho = 0.1
+    model, batches = make_model(), make_batches(n=8)
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=rho, k=k, alpha=alpha, **SGD_KW)
+    ws, sgd, unit_gv = start(model), RefSGD(), None
+    calls = 0
+    for t, (x, y) in enumerate(batches):
+        g, loss_w = grad_of(ws, x, y)
+        if t % k == 0:
+            # 1e-12: the guard sharpbench adds to each denominator (aligned here)
+            g_s, _ = grad_of([w + rho * gi / (norm(g) + 1e-12) for w, gi in zip(ws, g)], x, y)
+            dot = sum((a * b).sum() for a, b in zip(g, g_s))
+            g_v = [b - dot / (norm(g) ** 2 + 1e-12) * a for a, b in zip(g, g_s)]
+            unit_gv = [v / (norm(g_v) + 1e-12) for v in g_v]
+            calls += 2
+        else:
+            g_s = [gi + alpha * norm(g) * v for gi, v in zip(g, unit_gv)]
+            calls += 1
+        ws = sgd.step(ws, g_s)
+        n = [0]
+
+        def closure():
+            n[0] += 1
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        torch.testing.assert_close(loss.detach(), loss_w)
+        assert n[0] == (2 if t % k == 0 else 1)
+        assert_params(model, ws)
+
+
+def test_looksam_resumes_with_its_direction():
+    model, batches = make_model(), make_batches(n=6)
+    whole = copy.deepcopy(model)
+    opt_w = LookSAM(whole.parameters(), torch.optim.SGD, rho=0.1, k=3, **SGD_KW)
+    for x, y in batches:
+        take_step(opt_w, whole, (x, y))
+    opt = LookSAM(model.parameters(), torch.optim.SGD, rho=0.1, k=3, **SGD_KW)
+    for x, y in batches[:4]:
+        take_step(opt, model, (x, y))
+    state = copy.deepcopy(opt.state_dict())
+    second = copy.deepcopy(model)
+    opt2 = LookSAM(second.parameters(), torch.optim.SGD, rho=0.1, k=3, **SGD_KW)
+    opt2.load_state_dict(state)
+    for x, y in batches[4:]:
+        take_step(opt2, second, (x, y))
+    for p, q in zip(second.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------ MSAM
+@pytest.mark.parametrize("decay_at", ["w", "perturbed"])
+def test_msam_matches_hand_written(decay_at):
+    rho = 0.3
+    model, batches = make_model(), make_batches(n=6)
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=rho, weight_decay_at=decay_at, **SGD_KW)
+    ws, buf = start(model), None
+    for t, (x, y) in enumerate(batches):
+        e = ([torch.zeros_like(w) for w in ws] if buf is None
+             else [-rho * b / (norm(buf) + 1e-12) for b in buf])     # 1e-12: aligned
+        g_p, loss_p = grad_of([w + ei for w, ei in zip(ws, e)], x, y)
+        at = ws if decay_at == "w" else [w + ei for w, ei in zip(ws, e)]
+        d = [g + WD * a for g, a in zip(g_p, at)]
+        buf = [di.clone() for di in d] if buf is None else [MOM * b + di for b, di in zip(buf, d)]
+        ws = [w - LR * b for w, b in zip(ws, buf)]
+        loss = take_step(opt, model, (x, y))
+        torch.testing.assert_close(loss.detach(), loss_p)
+        assert_params(model, ws)
+
+
+def test_msam_needs_momentum_and_runs_on_adamw():
+    model = make_model()
+    with pytest.raises(ValueError, match="momentum"):
+        MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.0)
+    opt = MSAM(model.parameters(), torch.optim.AdamW, rho=0.5, lr=1e-3)
+    for x, y in make_batches(n=3):
+        take_step(opt, model, (x, y))
+    assert all("exp_avg" in opt.base_optimizer.state[p] for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())

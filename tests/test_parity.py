@@ -9,7 +9,8 @@ only torch.optim.SGD (the base optimizer every one of these repositories wraps) 
 Aligned on purpose, and said where it happens: the constant added to a norm before dividing
 (1e-12 here; the authors use 1e-12, 1e-16 or 1e-7), random draws (SSAM-D's masks), and two
 side effects of the authors' SSAM-F mask refresh that sharpbench does not reproduce (see
-``SSAMF``'s docstring).
+``SSAMF``'s docstring). MSAM's authors hold the weights at the perturbed point between steps;
+their reference moves them back at the end, as their ``main.py`` does before evaluating.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sharpbench.optim import GSAM, SSAMD, SSAMF, FriendlySAM, ImbSAM, SAM, split_loss
+from sharpbench.optim import GSAM, MSAM, SSAMD, SSAMF, FriendlySAM, ImbSAM, SAM, split_loss
 from sharpbench.optim.bn import bn_policy_closure
 from sharpbench.optim.factory import build_optimizer
 from sharpbench.optim.fisher import fisher_terms
@@ -478,6 +479,53 @@ def fisher_model() -> nn.Module:
         for _ in range(3):
             model(torch.randn(32, 3, 8, 8, dtype=DT) * 2 + 0.5)
     return model
+
+
+# ---------------------------------------------------------------------------- MarlonBecker/MSAM
+def becker_msam(model, batches, rho):
+    """MarlonBecker/MSAM ``optimizer/msam.py`` (``MSAM.step``) driven as its ``main.py``: the weights
+    are held at the perturbed point between steps; the gradient there, plus weight decay of those
+    perturbed weights, updates the momentum; then ``move_back_from_momentumAscent`` at the end."""
+    params = list(model.parameters())
+    lr, mu, wd = SGD_KW["lr"], SGD_KW["momentum"], SGD_KW["weight_decay"]
+    bufs = [torch.zeros_like(p) for p in params]        # their __init__: zero momentum buffers
+    inv_norm = 0.0                                      # group["inverse_norm_buffer"] = 0
+    model.train()
+    for x, y in batches:
+        for p in params:
+            p.grad = None
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p, buf in zip(params, bufs):
+                d_p = p.grad.add(p, alpha=wd)           # decay of the held (perturbed) weights
+                p.add_(buf, alpha=rho * inv_norm)       # back to w
+                buf.mul_(mu).add_(d_p)
+                p.add_(buf, alpha=-lr)
+            inv_norm = 1 / (torch.norm(torch.stack([b.norm(p=2) for b in bufs]), p=2) + EPS)
+            for p, buf in zip(params, bufs):
+                p.sub_(buf, alpha=rho * inv_norm)       # ascend to the next perturbed point
+    with torch.no_grad():                               # move_back_from_momentumAscent
+        for p, buf in zip(params, bufs):
+            p.add_(buf, alpha=rho * inv_norm)
+
+
+def test_msam_matches_marlonbecker_with_decay_at_the_perturbed_weights():
+    ours_m, batches = make_model(), make_batches()
+    theirs = copy.deepcopy(ours_m)
+    opt = MSAM(ours_m.parameters(), torch.optim.SGD, rho=0.7, weight_decay_at="perturbed", **SGD_KW)
+    run_ours(opt, ours_m, batches, "first_pass")        # one pass: it updates BN, as theirs does
+    becker_msam(theirs, batches, 0.7)
+    assert_same_model(ours_m, theirs)
+
+
+def test_msam_default_decays_w_and_differs_from_the_authors_only_by_that():
+    ours_m, batches = make_model(), make_batches()
+    theirs = copy.deepcopy(ours_m)
+    opt = MSAM(ours_m.parameters(), torch.optim.SGD, rho=0.7, **SGD_KW)
+    run_ours(opt, ours_m, batches, "first_pass")
+    becker_msam(theirs, batches, 0.7)
+    diff = max((a - b).abs().max().item() for a, b in zip(ours_m.parameters(), theirs.parameters()))
+    assert 1e-8 < diff < 1e-3       # wd·rho·lr-sized: the only difference is where decay reads w
 
 
 def test_per_sample_fisher_equals_256_single_sample_backward_passes():

@@ -11,6 +11,8 @@ from .friendly import FriendlySAM
 from .gsam import GSAM
 from .hatam import HATAM
 from .imbalanced import ImbSAM, split_loss, tail_class_mask
+from .looksam import LookSAM
+from .msam import MSAM
 from .sam import SAM
 from .sparse import SSAMD, SSAMF, SparseSAM
 from .xsam import XSAM
@@ -27,6 +29,6 @@ def __getattr__(name: str):
 __all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "MethodInfo", "method", "methods",
            "register", "register_method", "first_pass_updates_bn",
            "frozen_bn_stats"]
-__all__ += ["A2SAM", "XSAM", "HATAM"]
+__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM"]
 __all__ += ["FriendlySAM", "SSAMF", "SSAMD", "SparseSAM", "ImbSAM", "GSAM", "split_loss",
             "tail_class_mask"]

@@ -201,18 +201,36 @@ class StepHarness:
     def _uncounted(self):
         return self.counts.paused() if self.counts is not None else nullcontext()
 
-    def closure(self, reduce=None):
-        self.passes += 1
+    def closure(self, reduce=None, rows: slice | None = None):
+        """The step's closure (over the batch, or its ``rows``: a chunk, priced by its share)."""
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        self.passes += len(y) / self.batch
         with self._uncounted():
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
-                logits = self.forward(self.x)
+                logits = self.forward(x)
             if reduce is None:
-                loss = F.cross_entropy(logits.float(), self.y)
+                loss = F.cross_entropy(logits.float(), y)
             else:
-                loss = reduce(F.cross_entropy(logits.float(), self.y, reduction="none"), self.y)
+                loss = reduce(F.cross_entropy(logits.float(), y, reduction="none"), y)
             loss.backward()
             return loss.detach()
+
+    def chunk_closures(self, m: int) -> list:
+        """Closures over chunks of ``m`` samples (m-sharpness): the first chunk's first pass
+        updates BatchNorm statistics, the others leave them alone (as the Lightning module)."""
+        from .optim.bn import bn_policy_closure, frozen_bn_stats
+        if self.batch % m:
+            raise ValueError(f"m={m} must divide the batch ({self.batch})")
+
+        def frozen(rows):
+            def call(reduce=None):
+                with frozen_bn_stats(self.model):
+                    return self.closure(reduce, rows)
+            return call
+        return [bn_policy_closure(self.model, partial(self.closure, rows=slice(0, m)),
+                                  self.bn_policy)] + \
+            [frozen(slice(i, i + m)) for i in range(m, self.batch, m)]
 
     def loss_closure(self, mode: str = "train"):
         from .optim.bn import frozen_bn_stats
@@ -247,6 +265,7 @@ class StepHarness:
         """The step context the Lightning module would build (``sharpbench.optim.context``)."""
         return StepContext(model=self.model, loss_closure=self.loss_closure, sample=self.sample,
                            extra_pass=self.extra_pass, class_counts=self.class_counts,
+                           chunk_closures=self.chunk_closures,
                            closure_of=lambda reduce: partial(closure, reduce=reduce))
 
     @property

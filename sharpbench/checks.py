@@ -244,6 +244,12 @@ def cross_field_problems(root: Mapping[str, Any]) -> list[str]:
         problems.append(f"optimizer.base={base} with optimizer={name}: the plain {name} step has "
                         f"no other base; use optimizer={base}, or a sharpness-aware method with "
                         f"optimizer.base={base} (e.g. optimizer=sam optimizer.base={base})")
+    m, batch = opt.get("m"), data.get("batch_size")
+    if isinstance(m, int) and isinstance(batch, int) and m >= 1 and batch % m:
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0 and d < batch]
+        problems.append(f"optimizer.m={m} (samples per perturbation) must divide "
+                        f"dataset.batch_size={batch}: choose m among {divisors[-6:]} (or "
+                        f"optimizer.m=null for the whole batch)")
     classes = expected_classes(data)
     subset = data.get("train_subset")
     if classes and subset is not None and subset < classes:

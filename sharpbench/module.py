@@ -170,15 +170,17 @@ class SharpnessModule(L.LightningModule):
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(list(self.model.parameters()))
 
-    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                     pass_fraction: float = 1.0, bn_policy: str | None = None):
         """The step's closure: zero the gradients, forward (autocast), loss, backward (scaled and
         unscaled for fp16), return the detached loss. ``closure(reduce)`` uses a method's own
-        reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` over all
-        the calls of one step."""
+        reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` (default:
+        the run's) over all the calls of one step; ``"frozen"``: none of its calls updates them.
+        Each call counts ``pass_fraction`` of a pass (a chunk of the batch: its share)."""
         first = [True]
 
         def closure(reduce=None) -> Tensor:
-            self.passes += 1
+            self.passes += pass_fraction
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 logits = self(x)
@@ -189,15 +191,37 @@ class SharpnessModule(L.LightningModule):
             loss = self.training_loss(logits, y, reduce)
             self.backward_pass(loss)
             return loss.detach()
-        return bn_policy_closure(self.model, closure, self.bn_policy)
+        policy = bn_policy or self.bn_policy
+        if policy == "frozen":
+            def frozen(reduce=None) -> Tensor:
+                with frozen_bn_stats(self.model):
+                    return closure(reduce)
+            return frozen
+        return bn_policy_closure(self.model, closure, policy)
 
-    def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int) -> StepContext:
+    def chunk_closures(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                       m: int) -> list:
+        """Closures over consecutive chunks of ``m`` samples (m-sharpness on one device): each
+        counts ``m / batch`` of a pass; only the first chunk's first pass updates BatchNorm
+        running statistics (under DDP with ``batch / m`` devices, rank 0's copy is the one kept)."""
+        n = int(x.shape[0])
+        if n % m:
+            raise ValueError(f"optimizer.m={m} (samples per perturbation) must divide the batch "
+                             f"({n} samples here): choose m among the divisors of "
+                             "dataset.batch_size")
+        return [self.make_closure(opt, x[i:i + m], y[i:i + m], pass_fraction=m / n,
+                                  bn_policy=None if i == 0 else "frozen")
+                for i in range(0, n, m)]
+
+    def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int,
+                     opt: torch.optim.Optimizer | None = None) -> StepContext:
         """Everything a method may read from this step (``sharpbench.optim.context``); the
         closures in it are built now and run only if the method calls them."""
         return StepContext(
             model=self.model, loss_closure=self.hessian_loss_closure(x, y),
             sample=self.training_sampler(), extra_pass=self.extra_pass, closure_of=lambda reduce: partial(closure, reduce=reduce),
             batch_idx=batch_idx,
+            chunk_closures=None if opt is None else (lambda m: self.chunk_closures(opt, x, y, m)),
             class_counts=self.class_counts if self.class_counts.numel() else None,
             grad_reducer=all_reduce_mean if self._ddp else None,
             reduce_perturbation_grads=self.sync_perturbation and self._ddp,
@@ -280,7 +304,7 @@ class SharpnessModule(L.LightningModule):
         self.input_shape = tuple(x.shape)  # for the FLOP count of a pass (record.py)
         closure = self.make_closure(raw, x, y)
         if isinstance(raw, SharpnessAwareOptimizer):
-            context = self.step_context(closure, x, y, batch_idx)
+            context = self.step_context(closure, x, y, batch_idx, opt=raw)
             loss = opt.step(closure=closure, context=context)
         else:  # one-pass optimizers: SGD, Adam, HATAM …
             context = StepContext()

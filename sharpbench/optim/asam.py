@@ -10,7 +10,7 @@ from torch import Tensor
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
 from .registry import register_method
 from ..typed_config import key
-from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, m_key, rho_key
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ASAMConfig(SGDStep, ScheduleKeys):
     adaptive_params: str = key("all", "ASAM: scale every parameter (all, the formula) or only those "
                                       "named *weight* (weights: the authors' code)",
                                spec="all | weights")
+    m: Optional[int] = m_key()
     bn_policy: str = bn_policy_key()    # both_passes: SamsungLabs/ASAM
 
 
@@ -51,6 +52,8 @@ class ASAM(SharpnessAwareOptimizer):
     parameter scaled: ``T = |w|``, ``e = rho·w²g/||w g||`` (``eta: 0``, ``adaptive_params: all``).
     Parameters that are exactly 0 then get no perturbation.
     """
+
+    takes_m = True
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.5,
                  eta: float = 0.01, adaptive: bool = True, **base_kwargs):

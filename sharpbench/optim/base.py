@@ -72,12 +72,25 @@ class SharpnessAwareOptimizer(Optimizer):
     # Whether the method's steps may be thinned out by ``sam_every`` / ``sam_prob``
     # (:mod:`sharpbench.optim.sharpness_schedule`); False for methods that have their own.
     takes_schedule: bool = True
+    # Whether the method takes ``m`` (samples per perturbation on one device, equal to DDP with
+    # batch/m devices): only methods whose perturbation keeps no state that a chunk would advance.
+    takes_m: bool = False
 
     def __init__(self, params: Iterable, base_optimizer: type[Optimizer] | Callable[..., Optimizer],
                  method_defaults: dict, **base_kwargs):
         if isinstance(base_optimizer, Optimizer):
             raise TypeError("base_optimizer must be an optimizer class (e.g. torch.optim.SGD), "
                             "not an instance; pass its hyperparameters as keyword arguments")
+        self.m = base_kwargs.pop("m", None)
+        if self.m is not None:
+            if not self.takes_m:
+                raise ValueError(f"{type(self).__name__} does not take m (samples per "
+                                 "perturbation): its perturbation keeps state a chunk would "
+                                 "advance; leave m unset (null)")
+            if isinstance(self.m, bool) or int(self.m) != self.m or self.m < 1:
+                raise ValueError(f"m (samples per perturbation) must be an integer >= 1 or "
+                                 f"None (the whole batch), got {self.m!r}")
+            self.m = int(self.m)
         self.schedule = SharpnessSchedule(**{key[4:]: base_kwargs.pop(key)
                                              for key in SCHEDULE_KEYS if key in base_kwargs})
         if self.schedule.active and not self.takes_schedule:
@@ -204,8 +217,10 @@ class SharpnessAwareOptimizer(Optimizer):
     def sharpness_step(self, closure: Closure | None = None,
                        context: StepContext | None = None) -> Tensor:
         """SAM's step; ``closure`` is called twice (at ``w`` and at ``w + e``). A method with
-        another step overrides this, not :meth:`step`."""
+        another step overrides this, not :meth:`step`. With ``m``: :meth:`m_sharpness_step`."""
         closure = require_closure(closure, type(self).__name__)
+        if self.m is not None:
+            return self.m_sharpness_step(context)
         loss = self.call_closure(closure)
         self.first_step(context=context)
         try:
@@ -215,6 +230,47 @@ class SharpnessAwareOptimizer(Optimizer):
         self.gradient_correction()
         self.base_step(context)
         return loss
+
+    @torch.no_grad()
+    def m_sharpness_step(self, context: StepContext | None) -> Tensor:
+        """m-sharpness on one device (Foret et al. 2021, section 4.1): the batch in chunks of
+        ``m`` samples, each perturbed with its own gradient::
+
+            for chunk i:  g_i = ∇L_i(w),  e_i = e(g_i),  h_i = corrected ∇L_i(w + e_i)
+            w <- base_step(w, mean_i h_i)
+
+        which is what DDP over batch/m devices computes (each device perturbs with its own
+        gradient; the base step averages). Two passes over the batch in FLOPs, in 2·batch/m
+        smaller ones. Returns the mean chunk loss at ``w`` (the batch loss)."""
+        if context is None or context.chunk_closures is None:
+            raise ValueError(f"{type(self).__name__} with m={self.m} needs context.chunk_closures "
+                             "(closures over chunks of m samples); the Lightning module and the "
+                             "bench offer them; in a loop of your own pass "
+                             "StepContext(chunk_closures=lambda m: [closure over x[i:i+m], ...])")
+        closures = context.chunk_closures(self.m)
+        total, losses = None, []
+        for chunk in closures:
+            losses.append(self.call_closure(chunk))
+            self.first_step(context=context)
+            try:
+                self.call_closure(chunk)
+            finally:
+                self.restore()
+            self.gradient_correction()
+            params = self.params_with_grad()
+            grads = [p.grad for p in params]
+            if total is None:
+                total = flat_buffer(self._buffers, "m_sum", grads).load(grads) \
+                    if FlatBuffer.fits(grads) else [g.clone() for g in grads]
+            elif isinstance(total, FlatBuffer):
+                torch._foreach_add_(total.views, grads)
+            else:
+                torch._foreach_add_(total, grads)
+        views = total.views if isinstance(total, FlatBuffer) else total
+        torch._foreach_mul_(views, 1.0 / len(closures))
+        torch._foreach_copy_(grads, views)
+        self.base_step(context)
+        return torch.stack(losses).mean()
 
     @torch.no_grad()
     def plain_step(self, closure: Closure | None = None,

@@ -28,6 +28,10 @@ Inputs (set by the driver):
 - ``closure_of(reduce)``: a closure like the step's own, except that its loss is
   ``reduce(per_sample_losses, targets)``.
 - ``batch_idx``: the batch's index within its epoch.
+- ``chunk_closures(m)``: closures like the step's own, one per consecutive chunk of ``m`` samples
+  of the batch (``m`` divides the batch), each counted as ``m / batch`` of a pass; only the first
+  chunk's first pass updates BatchNorm running statistics (as rank 0's copy under DDP). For
+  m-sharpness on one device (``m`` of a method that takes it).
 - ``class_counts``: training images per class (a 1-D tensor).
 - ``grad_reducer(grads)``: averages gradients across devices in place; called before the base
   step, and before the perturbation too if ``reduce_perturbation_grads`` (by default each device
@@ -65,6 +69,7 @@ class StepContext:
     extra_pass: Callable[[], AbstractContextManager] = nullcontext
     closure_of: Callable[[Reduce], Callable[[], Tensor]] | None = None
     batch_idx: int | None = None
+    chunk_closures: Callable[[int], list[Callable[[], Tensor]]] | None = None
     class_counts: Tensor | None = None
     grad_reducer: Callable[[list[Tensor]], None] | None = None
     reduce_perturbation_grads: bool = False

@@ -13,7 +13,7 @@ from .sam import lp_ball_argmax
 from .context import StepContext
 from .registry import register_method
 from ..typed_config import key
-from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, m_key, rho_key
 
 
 @dataclass
@@ -33,6 +33,7 @@ class GSAMConfig(SGDStep, ScheduleKeys):
     lr_max: Optional[float] = key(None, "GSAM: lr at which rho reaches its maximum (null: the "
                                         "initial lr)", spec="null | float > 0")
     lr_min: float = key(0.0, "GSAM: lr at which rho reaches rho_min", spec="float >= 0")
+    m: Optional[int] = m_key()
     bn_policy: str = bn_policy_key()
 
 
@@ -86,6 +87,8 @@ class GSAM(SharpnessAwareOptimizer):
     DDP: the correction is formed from each device's own ``g`` and ``g_p`` (before the base step's
     gradient reduction), as in the authors' code; the corrected gradients are then averaged.
     """
+
+    takes_m = True
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  alpha: float | None = None, rho_min: float | None = None,

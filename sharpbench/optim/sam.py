@@ -13,7 +13,7 @@ from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm, sca
 from .asam import ASAM
 from .registry import register_method
 from ..typed_config import key
-from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, m_key, rho_key
 
 
 def dual_exponent(p: float) -> float:
@@ -70,6 +70,7 @@ class SAMConfig(SGDStep, ScheduleKeys):
     rho: float = rho_key(0.05)
     p: Any = key(2, "SAM's l_p neighbourhood: 2 (the standard ball), any p >= 1, or inf (the box)",
                  spec="float >= 1 | inf")
+    m: Optional[int] = m_key()
     bn_policy: str = bn_policy_key()
 
 
@@ -100,6 +101,8 @@ class SAM(SharpnessAwareOptimizer):
             opt.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); return loss
         loss = opt.step(closure)
     """
+
+    takes_m = True
 
     def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
                  p: float | str = 2.0, adaptive: bool = False, **base_kwargs):

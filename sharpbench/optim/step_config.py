@@ -22,7 +22,7 @@ added with ``+``; those that have a documented meaning are in :class:`OptionalKe
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass
-from typing import Any, List
+from typing import Any, List, Optional
 
 from ..typed_config import key
 
@@ -61,6 +61,13 @@ def eps_key(default: float = 1e-8) -> Any:
 
 def rho_key(default: float = 0.05) -> Any:
     return key(default, "neighbourhood radius: the perturbation has norm rho", spec="float > 0")
+
+
+def m_key() -> Any:
+    return key(None, "m-sharpness: samples per perturbation on one device, each chunk of m "
+                     "samples perturbed with its own gradient (equal to DDP over batch/m devices; "
+                     "Foret et al. 2021, sec. 4.1); null: the whole batch",
+               spec="null | int >= 1")
 
 
 def bn_policy_key(default: str = "first_pass") -> Any:

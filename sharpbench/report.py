@@ -56,6 +56,7 @@ import yaml
 from . import reference
 from .curves import DATASET_LABELS, write_curves
 from .fileio import atomic_write_text, remove_stale_temporaries
+from .pareto import write_pareto
 from .optim import registry
 from .record import METRICS_FILE, read_metrics
 from .run_identity import defines_run
@@ -626,6 +627,7 @@ def write_outputs(df: pd.DataFrame, out: Path, curves: bool = True, name: str | 
         records = {d: read_metrics(d) or {} for d in runs["run_dir"]}
         paths.update(write_curves(runs, out, lambda r: method_label(r.method, r.setting),
                                   records, first_epochs))
+        paths.update(write_pareto(table, out, method_label))   # accuracy against cost
     # λ_max, trace, m-sharpness, landscapes
     paths.update(write_sharpness_outputs(runs, out, method_label, figures=curves))
     return paths

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from sharpbench.optim import registry
 from omegaconf import OmegaConf
 
 from sharpbench import ddp_launch, gpu_pool
@@ -360,7 +362,12 @@ def job_cfg(compose_cfg, experiment, job):
     return compose_cfg([f"experiment={experiment}", *(f"{k}={v}" for k, v in job.items())])
 
 
-@pytest.mark.parametrize("experiment, n_jobs", [("table1", 32), ("table1_full", 88), ("rho_sweep", 30)])
+# table1_full: every registered method but the plain adaptive baselines, 2 datasets, 4 seeds
+FULL = len([m for m in registry.names() if m not in ("adam", "adamw", "rmsprop")]) * 2 * 4
+
+
+@pytest.mark.parametrize("experiment, n_jobs", [("table1", 32), ("table1_full", FULL),
+                                                ("rho_sweep", 30)])
 def test_sweep_experiments_apply_the_recipe_to_every_method(compose_cfg, experiment, n_jobs):
     from sharpbench import checks
     cfg = compose_cfg([f"experiment={experiment}"])
@@ -376,7 +383,8 @@ def test_sweep_experiments_apply_the_recipe_to_every_method(compose_cfg, experim
         assert (c.model.name, c.dataset.batch_size, c.trainer.max_epochs) == ("resnet18", 128, 80)
         assert list(c.schedule.milestones) == [50, 75] and c.schedule.gamma == 0.1
         assert c.label_smoothing == 0.1
-        # table1 and rho_sweep set rho; table1_full keeps each method's own (0.05; ASAM 0.5)
+        # table1 and rho_sweep set rho; table1_full keeps each method's own (0.05; ASAM 0.5,
+        # MSAM 3)
         own = optimizer_config(opt.name).get("rho")
         expected_rho = float(job.get("optimizer.rho", 0.05 if experiment == "table1" else own or 0))
         if opt.name in ("sgd", "hatam"):

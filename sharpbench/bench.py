@@ -344,7 +344,7 @@ def step_counts(h: StepHarness, n: int, skip: int = 2) -> dict[str, Any]:
 
 def refresh_period(opt) -> int:
     """Steps between a method's amortised refreshes (mask, eigen-solve); 0 if it has none."""
-    for name in ("update_interval", "interval", "freq"):
+    for name in ("refresh_period", "update_interval", "interval", "freq"):
         if hasattr(opt, name):
             return int(getattr(opt, name))
     return 0

@@ -88,6 +88,11 @@ class LookSAM(SharpnessAwareOptimizer):
         inv_norm = 1.0 / (global_grad_norm(grads, 2.0) + 1e-12)
         return dict(zip(params, scaled(grads, inv_norm, rhos)))
 
+    @property
+    def refresh_period(self) -> int:
+        """Steps between full SAM steps (``k``)."""
+        return self.k
+
     def refresh_due(self) -> bool:
         """Whether the coming step is a full SAM step (steps 0, k, 2k, …)."""
         return self.method_state["step"] % self.k == 0

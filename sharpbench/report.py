@@ -112,6 +112,11 @@ def register_metric(key: str, header: str, spec: str = ".3g") -> None:
         EXTRA_METRICS.append(Metric(key, header, spec))
 
 
+# the averages of the weights (monitor.weight_average; sharpbench/averaging.py)
+register_metric("test_acc_swa", "top-1 SWA (%)", ".2f")
+register_metric("test_acc_ema", "top-1 EMA (%)", ".2f")
+
+
 # ----------------------------------------------------------------------------- collecting runs
 def collect_runs(dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """One row per run found below ``dirs`` (any status; job folders without a metrics.json

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from .averaging import WeightAveraging, build_averaging
 from . import checks, console, lifecycle, preflight
 from .data import CIFARDataModule, class_groups
 from .ddp_launch import sweep_job_scope
@@ -74,7 +75,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, timer: RunTimer,
         # compiled forward guards on that, so it would compile a third graph for the test pass.
         inference_mode=not bool(t.get("compile", False)),
         logger=build_loggers(cfg.logger, run_dir, resume_step),
-        callbacks=[timer, last, StopAtSafePoint(), *bar, *build_monitor(cfg, run_dir)], enable_checkpointing=True,
+        callbacks=[timer, last, StopAtSafePoint(), *bar, *build_monitor(cfg, run_dir),
+                   *build_averaging(cfg)], enable_checkpointing=True,
         plugins=[checkpoint_io or AtomicCheckpointIO()])
     return trainer
 
@@ -162,10 +164,16 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
             raise
     if status == "completed" and trainer.interrupted:
         status = "interrupted"
+    averaged = {}
+    if status == "completed":   # SWA / EMA of the weights, beside the trained ones
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging):
+                averaged.update(cb.evaluate(trainer, module, data))
     record = build_record(cfg_summary=summary(cfg), module=module, timer=timer, trainer=trainer,
                           status=status, overrides=overrides, config=ident, started_at=started,
                           error=error, segments=segments)
     record.update(group_accuracy(module, data))
+    record.update(averaged)
     record["data_source"] = source
     lifecycle.complete_record(record, run_dir, overrides)  # diverged: no accuracy; stopped: resume command
     if trainer.is_global_zero:

@@ -71,6 +71,13 @@ class MonitorConfig:
     lambda_max_subset: int = key(512, "un-augmented training images lambda_max is measured on",
                                  spec="int >= 1")
     lambda_max_iters: int = key(20, "Lanczos steps per lambda_max measurement", spec="int >= 1")
+    weight_average: str = key("none", "an average of the weights evaluated beside the trained "
+                                      "ones -> metrics.json test_acc_swa / test_acc_ema "
+                                      "(sharpbench/averaging.py)", spec="none | swa | ema")
+    swa_start: float = key(0.75, "swa: average the end-of-epoch weights from this fraction of "
+                                 "the epochs on", spec="float in [0, 1)")
+    ema_decay: float = key(0.999, "ema: decay of the per-step exponential moving average",
+                           spec="float in (0, 1)")
 
 
 @dataclass

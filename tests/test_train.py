@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -58,6 +59,30 @@ def test_mixed_precision_trains(compose_cfg, tmp_path, precision):
     assert record["status"] == "completed" and record["precision"] == precision
     losses = step_losses(tmp_path)
     assert losses[-4:].mean() < losses[:4].mean()
+
+
+CHEAP = [("looksam",), ("msam",), ("sam", "optimizer.sam_every=3"),
+         ("sam", "optimizer.sam_prob=0.5"), ("sam", "optimizer.m=8")]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("setting", CHEAP, ids=lambda s: "-".join(s))
+def test_the_cheaper_sams_and_knobs_train_in_mixed_precision(compose_cfg, tmp_path, precision,
+                                                             setting):
+    """No non-finite loss or weight; fp16 skips only what its loss scaler skips at the start."""
+    method, *extra = setting
+    record, _ = smoke(compose_cfg, tmp_path, f"optimizer={method}", *extra,
+                      f"trainer.precision={precision}", "dataset.train_subset=256",
+                      "dataset.batch_size=32", "trainer.max_epochs=2")
+    assert record["status"] == "completed" and record["precision"] == precision
+    df = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    losses = pd.concat([df[c] for c in ("train/loss_step", "train/loss_perturbed_step")
+                        if c in df]).dropna().to_numpy()
+    assert len(losses) and np.isfinite(losses).all()
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+               if v.is_floating_point())
+    assert record["skipped_steps"] <= (3 if precision == "16-mixed" else 0)
 
 
 @pytest.mark.e2e

@@ -162,3 +162,23 @@ def test_training_with_m_counts_two_passes_and_a_bad_m_is_refused(tmp_path):
                          timeout=300)
     assert res.returncode != 0
     assert "must divide" in res.stdout + res.stderr
+
+
+def test_m_steps_have_no_host_sync_and_ops_independent_of_the_tensor_count():
+    from sharpbench.bench import StepHarness
+    from sharpbench.optim.factory import build_optimizer
+    from sharpbench.profiling import count_dispatch
+    ops = {}
+    for layers in (1, 12):
+        h = StepHarness("sam", f"mlp{layers}", 8, torch.device("cpu"))
+        h.opt = build_optimizer(h.model, dict(h.cfg, m=4))
+        counts = []
+        for _ in range(3):
+            with count_dispatch() as c:
+                h.counts = c
+                h.step()
+                h.counts = None
+            counts.append((c.ops, c.syncs))
+        assert all(s == 0 for _, s in counts), counts
+        ops[layers] = counts[-1][0]
+    assert ops[1] == ops[12], ops

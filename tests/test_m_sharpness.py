@@ -95,6 +95,9 @@ def test_m_equal_to_the_batch_is_sam():
 def test_m_is_refused_where_a_chunk_would_advance_state_and_without_chunks():
     with pytest.raises(ValueError, match="does not take m"):
         FriendlySAM(make_model().parameters(), torch.optim.SGD, m=4, lr=0.1)
+    from sharpbench.optim import XSAM
+    with pytest.raises(ValueError, match="does not take m"):     # a SAM subclass that opts out
+        XSAM(make_model().parameters(), torch.optim.SGD, m=4, lr=0.1)
     with pytest.raises(ValueError, match="integer >= 1"):
         SAM(make_model().parameters(), torch.optim.SGD, m=0, lr=0.1)
     model = make_model()

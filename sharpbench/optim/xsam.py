@@ -149,6 +149,8 @@ class XSAM(EigenSolveRecord, HessianCounters, SAM):
     """
 
     passes_per_step: float = 2.0
+    # its eigenvector comes from the whole batch; per-chunk perturbations would not equal DDP's
+    takes_m = False
     CORRECTIONS = ("projection", "sign")
     HESSIAN_LOSSES = ("train", "eval_ce")
     REFRESH_SCHEDULES = ("global", "per_epoch")

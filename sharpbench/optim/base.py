@@ -222,14 +222,20 @@ class SharpnessAwareOptimizer(Optimizer):
         if self.m is not None:
             return self.m_sharpness_step(context)
         loss = self.call_closure(closure)
-        self.first_step(context=context)
-        try:
-            self.call_closure(closure)
-        finally:
-            self.restore()
+        self.perturbed_pass(closure, context)
         self.gradient_correction()
         self.base_step(context)
         return loss
+
+    @torch.no_grad()
+    def perturbed_pass(self, closure: Closure, context: StepContext | None = None) -> Tensor:
+        """``w <- w + e(g)`` from the current gradients, the closure there (``.grad`` becomes
+        ``∇L(w + e)``), then ``w`` restored exactly, also if the closure raises."""
+        self.first_step(context=context)
+        try:
+            return self.call_closure(closure)
+        finally:
+            self.restore()
 
     @torch.no_grad()
     def m_sharpness_step(self, context: StepContext | None) -> Tensor:
@@ -251,11 +257,7 @@ class SharpnessAwareOptimizer(Optimizer):
         total, losses = None, []
         for chunk in closures:
             losses.append(self.call_closure(chunk))
-            self.first_step(context=context)
-            try:
-                self.call_closure(chunk)
-            finally:
-                self.restore()
+            self.perturbed_pass(chunk, context)
             self.gradient_correction()
             params = self.params_with_grad()
             grads = [p.grad for p in params]

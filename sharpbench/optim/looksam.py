@@ -103,11 +103,7 @@ class LookSAM(SharpnessAwareOptimizer):
         loss = self.call_closure(closure)
         full = self.refresh_due() or not self._has_direction()   # (which parameters have a grad)
         if full:
-            self.first_step(context=context)
-            try:
-                self.call_closure(closure)
-            finally:
-                self.restore()
+            self.perturbed_pass(closure, context)
             self._keep_orthogonal_direction()
         else:
             self._add_reused_direction()

@@ -11,7 +11,7 @@ Per dataset, one figure with two panels that share the accuracy axis:
 y = final-epoch test accuracy, the mean over seeds, with error bars of one standard deviation
 (none for a single seed). A point is on the Pareto front if no other point is at most as costly
 and at least as accurate, one of them strictly; the front is drawn as a staircase through those
-points, and their labels are bold. Rows timed on an overloaded machine are hollow in the time
+points (one point alone: its label is bold), and their labels are bold. Rows timed on an overloaded machine are hollow in the time
 panel.
 """
 from __future__ import annotations
@@ -79,14 +79,12 @@ def _figure(dataset: str, rows: pd.DataFrame, out: Path, label) -> dict[str, Pat
             fy = [acc[i] for i in front]
             ax.step(fx, fy, where="post", color="0.35", lw=1.0, ls="--", zorder=2,
                     label="Pareto front")
-        elif front:
-            ax.plot([x[front[0]]], [acc[front[0]]], ls="none", label="Pareto front")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.margins(x=0.15, y=0.08)                       # room for the labels right of the points
         if column == "cost_per_step":
             ax.set_xlim(left=0, right=max([v for v in x if not math.isnan(v)] or [1]) * 1.25)
-        if front:
+        if len(front) > 1:
             ax.legend(loc="lower right", fontsize=8, frameon=False)
     axes[0].set_ylabel("final test accuracy (%), mean ± std over seeds")
     seeds = sorted(set(int(n) for n in rows["n"]))

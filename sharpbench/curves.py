@@ -71,7 +71,14 @@ def steps_per_epoch(record: dict[str, Any], log: pd.DataFrame) -> float | None:
 
 
 def step_frame(log: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
+    """Per logged step; the loss at the unperturbed weights, or, for a run whose steps mostly
+    return only the loss at ``w + e`` (MSAM, A²SAM's one-pass steps), that one, with
+    ``frame.attrs["perturbed"] = True`` (the legend says so)."""
     loss = _column(log, "train/loss_step")
+    at_w_plus_e = _column(log, "train/loss_perturbed_step")
+    perturbed = len(at_w_plus_e) > len(loss)
+    if perturbed:
+        loss = at_w_plus_e
     cols = ["step", "epoch", "time_s", "passes", "loss"]
     if loss.empty:
         return pd.DataFrame(columns=cols)
@@ -87,8 +94,16 @@ def step_frame(log: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
     passes = _column(log, "train/passes").reindex(steps)
     if passes.isna().any() and record.get("passes_per_step"):
         passes = passes.fillna(pd.Series(done * float(record["passes_per_step"]), index=steps))
-    return pd.DataFrame({"step": steps, "epoch": epoch, "time_s": time_s.to_numpy(float),
-                         "passes": passes.to_numpy(float), "loss": loss.to_numpy(float)})
+    frame = pd.DataFrame({"step": steps, "epoch": epoch, "time_s": time_s.to_numpy(float),
+                          "passes": passes.to_numpy(float), "loss": loss.to_numpy(float)})
+    frame.attrs["perturbed"] = perturbed
+    return frame
+
+
+def loss_name(label: str, frames: list[pd.DataFrame], n: int) -> str:
+    """A loss curve's legend entry; ``at w + e`` when its runs log only that loss."""
+    where = ", loss at w + e" if any(f.attrs.get("perturbed") for f in frames) else ""
+    return f"{label} (n={n}{where})"
 
 
 def epoch_frame(log: pd.DataFrame, record: dict[str, Any]) -> pd.DataFrame:
@@ -240,7 +255,7 @@ def _loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title: str,
             smoothed.append(f.assign(loss=values.to_numpy()))
         agg = mean_over_seeds(smoothed, "step", "loss")
         style = _style(i, len(agg), styles, label)
-        name = f"{label} (n={int(agg['n'].max())})"
+        name = loss_name(label, frames, int(agg["n"].max()))
         for ax, x in zip(axes, ("epoch", "time_s", "passes")):
             _draw(ax, agg[x], agg["loss"], agg["lo"], agg["hi"], agg["n"].max(), style, name)
     window = max(windows)
@@ -260,7 +275,7 @@ def _batch_loss_figure(curves: dict[str, list[pd.DataFrame]], stem: Path, title:
     for i, (label, frames) in enumerate(curves.items()):
         agg = mean_over_seeds(frames, "step", "loss")
         _draw(ax, agg["step"] + 1, agg["loss"], agg["lo"], agg["hi"], agg["n"].max(),
-              _style(i, len(agg), styles, label), f"{label} (n={int(agg['n'].max())})")
+              _style(i, len(agg), styles, label), loss_name(label, frames, int(agg["n"].max())))
     ax.set(xlabel="batch (optimizer step)", ylabel="training loss per batch (not smoothed)")
     first = "the first epoch" if epochs == 1 else f"the first {epochs} epochs"
     return _finish(fig, axes, f"Batch loss over {first}\n{title}", stem)

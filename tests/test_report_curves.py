@@ -95,3 +95,16 @@ def test_old_logs_get_time_and_passes_from_metrics_json(tmp_path):
     steps, _ = curves.run_curves(tmp_path / "old", record)
     assert steps["passes"].iloc[-1] == 32 and steps["time_s"].iloc[-1] == pytest.approx(16.0)
     assert steps["time_s"].iloc[7] == pytest.approx(8.0)  # end of epoch 1 = its epoch time
+
+
+def test_a_run_that_logs_only_the_loss_at_w_plus_e_is_drawn_and_says_so(tmp_path, figures):
+    """MSAM's steps (and A²SAM's one-pass steps) log their loss as train/loss_perturbed_step."""
+    write_run(tmp_path / "sgd", "sgd", 0, passes=1)
+    write_run(tmp_path / "msam", "msam", 0, passes=1)
+    log = pd.read_csv(tmp_path / "msam" / "csv" / "metrics.csv")
+    log["train/loss_perturbed_step"] = log.pop("train/loss_step")
+    log.to_csv(tmp_path / "msam" / "csv" / "metrics.csv", index=False)
+    report.write_report([tmp_path], first_epochs=(1,))
+    for name in ("curves_train_loss_synthetic", "curves_batch_loss_first1_synthetic"):
+        labels = [t.get_text() for t in figures[name].legends[0].get_texts()]
+        assert "MSAM (n=1, loss at w + e)" in labels and "SGD (n=1)" in labels, labels

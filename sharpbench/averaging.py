@@ -45,6 +45,7 @@ class WeightAveraging(L.Callback):
         self.average: nn.Module | None = None
         self.n_averaged = 0
         self._pending: dict | None = None
+        self._listed: tuple | None = None
 
     # ---------------------------------------------------------------------------- state
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -78,12 +79,17 @@ class WeightAveraging(L.Callback):
 
     # --------------------------------------------------------------------------- updates
     def _pairs(self, model: nn.Module, buffers: bool) -> tuple[list[Tensor], list[Tensor]]:
-        avg = list(self.average.parameters())
-        cur = [p.detach() for p in model.parameters()]
-        if buffers:
-            avg += [b for b in self.average.buffers() if b.is_floating_point()]
-            cur += [b for b in model.buffers() if b.is_floating_point()]
-        return avg, cur
+        """(the average's tensors, the model's), listed once and kept: EMA updates every step,
+        and both modules keep their tensor objects (a checkpoint loads into them in place)."""
+        key = (id(model), buffers)
+        if self._listed is None or self._listed[0] != key:
+            avg = list(self.average.parameters())
+            cur = [p.detach() for p in model.parameters()]
+            if buffers:
+                avg += [b for b in self.average.buffers() if b.is_floating_point()]
+                cur += [b for b in model.buffers() if b.is_floating_point()]
+            self._listed = (key, avg, cur)
+        return self._listed[1], self._listed[2]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -217,20 +217,12 @@ class StepHarness:
             return loss.detach()
 
     def chunk_closures(self, m: int) -> list:
-        """Closures over chunks of ``m`` samples (m-sharpness): the first chunk's first pass
-        updates BatchNorm statistics, the others leave them alone (as the Lightning module)."""
-        from .optim.bn import bn_policy_closure, frozen_bn_stats
-        if self.batch % m:
-            raise ValueError(f"m={m} must divide the batch ({self.batch})")
-
-        def frozen(rows):
-            def call(reduce=None):
-                with frozen_bn_stats(self.model):
-                    return self.closure(reduce, rows)
-            return call
-        return [bn_policy_closure(self.model, partial(self.closure, rows=slice(0, m)),
-                                  self.bn_policy)] + \
-            [frozen(slice(i, i + m)) for i in range(m, self.batch, m)]
+        """Closures over chunks of ``m`` samples (m-sharpness), BatchNorm handled as the
+        Lightning module does (``sharpbench.optim.bn.chunk_bn_closures``)."""
+        from .optim.bn import chunk_bn_closures
+        from .optim.context import chunk_slices
+        return chunk_bn_closures(self.model, [partial(self.closure, rows=s)
+                                              for s in chunk_slices(self.batch, m)], self.bn_policy)
 
     def loss_closure(self, mode: str = "train"):
         from .optim.bn import frozen_bn_stats

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .amp import DynamicLossScaler
 from .optim.base import SharpnessAwareOptimizer
-from .optim.bn import bn_policy_closure, check_bn_policy, frozen_bn_stats
-from .optim.context import StepContext
+from .optim.bn import bn_policy_closure, check_bn_policy, chunk_bn_closures, frozen_bn_stats
+from .optim.context import StepContext, chunk_slices
 from .optim.factory import build_optimizer
 from . import run_logging
 from .schedule import build_scheduler
@@ -170,13 +170,17 @@ class SharpnessModule(L.LightningModule):
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(list(self.model.parameters()))
 
-    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                     pass_fraction: float = 1.0, bn_policy: str | None = None):
+    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
         """The step's closure: zero the gradients, forward (autocast), loss, backward (scaled and
         unscaled for fp16), return the detached loss. ``closure(reduce)`` uses a method's own
-        reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` (default:
-        the run's) over all the calls of one step; ``"frozen"``: none of its calls updates them.
-        Each call counts ``pass_fraction`` of a pass (a chunk of the batch: its share)."""
+        reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` over all
+        the calls of one step."""
+        return bn_policy_closure(self.model, self.pass_closure(opt, x, y), self.bn_policy)
+
+    def pass_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                     pass_fraction: float = 1.0):
+        """The closure of :meth:`make_closure` without a BatchNorm policy; each call counts
+        ``pass_fraction`` of a pass (a chunk of the batch: its share)."""
         first = [True]
 
         def closure(reduce=None) -> Tensor:
@@ -191,13 +195,7 @@ class SharpnessModule(L.LightningModule):
             loss = self.training_loss(logits, y, reduce)
             self.backward_pass(loss)
             return loss.detach()
-        policy = bn_policy or self.bn_policy
-        if policy == "frozen":
-            def frozen(reduce=None) -> Tensor:
-                with frozen_bn_stats(self.model):
-                    return closure(reduce)
-            return frozen
-        return bn_policy_closure(self.model, closure, policy)
+        return closure
 
     def chunk_closures(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
                        m: int) -> list:
@@ -205,13 +203,8 @@ class SharpnessModule(L.LightningModule):
         counts ``m / batch`` of a pass; only the first chunk's first pass updates BatchNorm
         running statistics (under DDP with ``batch / m`` devices, rank 0's copy is the one kept)."""
         n = int(x.shape[0])
-        if n % m:
-            raise ValueError(f"optimizer.m={m} (samples per perturbation) must divide the batch "
-                             f"({n} samples here): choose m among the divisors of "
-                             "dataset.batch_size")
-        return [self.make_closure(opt, x[i:i + m], y[i:i + m], pass_fraction=m / n,
-                                  bn_policy=None if i == 0 else "frozen")
-                for i in range(0, n, m)]
+        return chunk_bn_closures(self.model, [self.pass_closure(opt, x[s], y[s], m / n)
+                                              for s in chunk_slices(n, m)], self.bn_policy)
 
     def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int,
                      opt: torch.optim.Optimizer | None = None) -> StepContext:

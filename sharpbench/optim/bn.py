@@ -128,6 +128,19 @@ def bn_policy_closure(model: nn.Module, closure: Callable, policy: str = "first_
     return wrapped
 
 
+def chunk_bn_closures(model: nn.Module, closures: list[Callable],
+                      policy: str = "first_pass") -> list[Callable]:
+    """Wrap the closures over the chunks of ONE step's batch (m-sharpness): the first chunk's
+    follows ``policy``; the others never update BatchNorm running statistics (under DDP over
+    batch/m devices, rank 0's copy is the one kept)."""
+    def frozen(closure: Callable) -> Callable:
+        def call(*args, **kwargs):
+            with frozen_bn_stats(model):
+                return closure(*args, **kwargs)
+        return call
+    return [bn_policy_closure(model, closures[0], policy)] + [frozen(c) for c in closures[1:]]
+
+
 def first_pass_updates_bn(model: nn.Module, closure: Callable) -> Callable:
     """Wrap a closure for ONE optimizer step: its first call updates BatchNorm running statistics,
     later calls (SAM's second pass, extra samples …) do not. Make a new wrapper every step::

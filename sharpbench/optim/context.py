@@ -59,6 +59,14 @@ LossClosure = Callable[..., Tensor]
 Reduce = Callable[[Tensor, Tensor], Tensor]
 
 
+def chunk_slices(n: int, m: int) -> list[slice]:
+    """The consecutive chunks of ``m`` of a batch of ``n`` samples (``chunk_closures``)."""
+    if n % m:
+        raise ValueError(f"m={m} (samples per perturbation, optimizer.m) must divide the batch "
+                         f"({n} samples here): choose m among the divisors of the batch size")
+    return [slice(i, i + m) for i in range(0, n, m)]
+
+
 @dataclass
 class StepContext:
     """What a driver offers one step (see the module docstring for each field)."""

@@ -83,6 +83,8 @@ class WeightAveraging(L.Callback):
         and both modules keep their tensor objects (a checkpoint loads into them in place)."""
         key = (id(model), buffers)
         if self._listed is None or self._listed[0] != key:
+            # setup() copied the model before Lightning moved it to its device: follow it
+            self.average.to(next(model.parameters()).device)
             avg = list(self.average.parameters())
             cur = [p.detach() for p in model.parameters()]
             if buffers:

@@ -59,9 +59,22 @@ def _path(group: str, name: str) -> str:
     return f"{group}.{name}" if group else name
 
 
+# Lightning Trainer arguments that sharpbench provides under another name or another meaning.
+LIGHTNING_NAMES = {
+    ("trainer", "accumulate_grad_batches"): (
+        "Lightning's gradient accumulation does not apply to the manual optimization that "
+        "two-pass methods need; sharpbench's is trainer.micro_batches=k, which runs each batch "
+        "(dataset.batch_size) as k micro-batches: a loader batch b with accumulate_grad_batches=k "
+        "is dataset.batch_size=k*b trainer.micro_batches=k"),
+}
+
+
 def unknown_key_message(group: str, name: str, value: Any, accepted: Mapping[str, schema.Key],
                         option: str | None) -> str:
     """``group.name`` is not a key of the group's selected option."""
+    if (group, name) in LIGHTNING_NAMES:
+        return f"unknown key {_path(group, name)}={format_value(value)}: " \
+               f"{LIGHTNING_NAMES[(group, name)]}."
     where = f"{group}={option}" if option else (group or "the top level")
     nearest = schema.did_you_mean(name, list(accepted))
     target = nearest or next(iter(accepted), name)
@@ -250,6 +263,18 @@ def cross_field_problems(root: Mapping[str, Any]) -> list[str]:
         problems.append(f"optimizer.m={m} (samples per perturbation) must divide "
                         f"dataset.batch_size={batch}: choose m among {divisors[-6:]} (or "
                         f"optimizer.m=null for the whole batch)")
+    k = t.get("micro_batches", 1)
+    if isinstance(k, int) and isinstance(batch, int) and k >= 1:
+        if batch % k:
+            divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+            problems.append(f"trainer.micro_batches={k} must divide dataset.batch_size={batch} "
+                            f"(the batch of one step, run as {k} micro-batches): choose it among "
+                            f"{divisors[:8]}")
+        elif k > 1 and isinstance(m, int) and m >= 1 and (batch // k) % m:
+            problems.append(f"optimizer.m={m} must divide the micro-batch of {batch // k} samples "
+                            f"(dataset.batch_size={batch} / trainer.micro_batches={k}): choose m "
+                            f"among the divisors of {batch // k}, or leave it null (m = the "
+                            f"micro-batch)")
     classes = expected_classes(data)
     subset = data.get("train_subset")
     if classes and subset is not None and subset < classes:

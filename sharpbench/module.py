@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .amp import DynamicLossScaler
+from .optim.accumulation import accumulated_closure
 from .optim.base import SharpnessAwareOptimizer
 from .optim.bn import bn_policy_closure, check_bn_policy, chunk_bn_closures, frozen_bn_stats
 from .optim.context import StepContext, chunk_slices
@@ -59,7 +60,7 @@ class SharpnessModule(L.LightningModule):
                  schedule_cfg: Mapping[str, Any] | None = None, *, num_classes: int, epochs: int,
                  precision: str = "32", label_smoothing: float = 0.0, grad_clip: float = 0.0,
                  class_counts: Tensor | None = None, fisher_batch_size: int | None = None,
-                 sync_perturbation: bool = False, compile: bool = False,
+                 sync_perturbation: bool = False, compile: bool = False, micro_batches: int = 1,
                  model_cfg: Mapping[str, Any] | None = None,
                  run_config: Mapping[str, Any] | None = None,
                  data_source: Mapping[str, Any] | None = None):
@@ -88,6 +89,10 @@ class SharpnessModule(L.LightningModule):
         self.grad_clip = grad_clip
         self.bn_policy = check_bn_policy(self.optimizer_cfg.get("bn_policy") or "first_pass")
         self.sync_perturbation = sync_perturbation
+        if isinstance(micro_batches, bool) or int(micro_batches) != micro_batches \
+                or micro_batches < 1:
+            raise ValueError(f"micro_batches must be an integer >= 1, got {micro_batches!r}")
+        self.micro_batches = int(micro_batches)
         self.scaler = DynamicLossScaler() if self.amp_dtype == torch.float16 else None
         self.register_buffer("class_counts", class_counts if class_counts is not None
                              else torch.zeros(0, dtype=torch.long), persistent=False)
@@ -174,8 +179,26 @@ class SharpnessModule(L.LightningModule):
         """The step's closure: zero the gradients, forward (autocast), loss, backward (scaled and
         unscaled for fp16), return the detached loss. ``closure(reduce)`` uses a method's own
         reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` over all
-        the calls of one step."""
-        return bn_policy_closure(self.model, self.pass_closure(opt, x, y), self.bn_policy)
+        the calls of one step.
+
+        With ``micro_batches = k > 1`` the batch runs as ``k`` micro-batches of ``batch/k`` and
+        the closure's gradient is their mean (gradient accumulation,
+        :mod:`sharpbench.optim.accumulation`); BatchNorm statistics come from the first
+        micro-batch, as rank 0's under DDP over ``k`` devices."""
+        if self.micro_batches == 1:
+            return bn_policy_closure(self.model, self.pass_closure(opt, x, y), self.bn_policy)
+        return accumulated_closure(self.chunk_closures(opt, x, y, self.micro_size(x)),
+                                   self.model.parameters())
+
+    def micro_size(self, x: Tensor) -> int | None:
+        """Samples per micro-batch (``None`` without gradient accumulation)."""
+        if self.micro_batches == 1:
+            return None
+        n = int(x.shape[0])
+        if n % self.micro_batches:
+            raise ValueError(f"trainer.micro_batches={self.micro_batches} must divide the batch "
+                             f"({n} samples here): choose a divisor of dataset.batch_size")
+        return n // self.micro_batches
 
     def pass_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
                      pass_fraction: float = 1.0):
@@ -215,6 +238,7 @@ class SharpnessModule(L.LightningModule):
             sample=self.training_sampler(), extra_pass=self.extra_pass, closure_of=lambda reduce: partial(closure, reduce=reduce),
             batch_idx=batch_idx,
             chunk_closures=None if opt is None else (lambda m: self.chunk_closures(opt, x, y, m)),
+            micro_batch=self.micro_size(x),
             class_counts=self.class_counts if self.class_counts.numel() else None,
             grad_reducer=all_reduce_mean if self._ddp else None,
             reduce_perturbation_grads=self.sync_perturbation and self._ddp,

@@ -135,6 +135,7 @@ def _train(cfg: DictConfig, settled, overrides: list[str], started: float) -> di
         class_counts=data.train_class_counts,
         sync_perturbation=bool(cfg.trainer.get("sync_perturbation", False)),
         compile=bool(cfg.trainer.get("compile", False)),
+        micro_batches=int(cfg.trainer.get("micro_batches", 1)),
         model_cfg=model_cfg, run_config=ident,  # saved in checkpoints: load_from_checkpoint works
         data_source=source)  # where the data came from, beside the identity (eval, analyze)
 

@@ -59,6 +59,11 @@ class TrainerConfig:
     sync_perturbation: bool = key(False, "DDP: average the first-pass gradient before perturbing "
                                          "(false: each device perturbs with its own, SAM's "
                                          "m-sharpness)", spec="bool")
+    micro_batches: int = key(1, "gradient accumulation: run each batch (dataset.batch_size, the "
+                                "batch of one step) as this many micro-batches, in the memory of "
+                                "one; SAM, ASAM and GSAM perturb each micro-batch with its own "
+                                "gradient (m-sharpness, m = the micro-batch), other methods with "
+                                "the accumulated one", spec="int >= 1")
     enable_progress_bar: bool = key(True, "show the progress bar", spec="bool")
 
 

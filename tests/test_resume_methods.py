@@ -17,11 +17,14 @@ BASE = ["experiment=smoke", "trainer.max_epochs=2", "dataset.train_subset=256",
         "dataset.test_subset=128", "dataset.batch_size=32", "trainer.deterministic=true",
         "trainer.enable_progress_bar=false", "trainer.checkpoint_every_n_steps=1", "logger=none"]
 STOP_AT = 11  # mid second epoch (8 steps per epoch)
+# Knobs of the driver that change what a step computes, each with one method.
+KNOBS = {"sam+micro_batches": ("sam", ["trainer.micro_batches=4"])}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_mid_epoch_equals_uninterrupted(compose_cfg, tmp_path, monkeypatch, method):
-    extra = [f"optimizer={method}"]
+@pytest.mark.parametrize("case", METHODS + list(KNOBS))
+def test_resume_mid_epoch_equals_uninterrupted(compose_cfg, tmp_path, monkeypatch, case):
+    method, knobs = KNOBS.get(case, (case, []))
+    extra = [f"optimizer={method}", *knobs]
     if method == "a2sam":
         extra.append("optimizer.interval=4")  # several eigen-solves, one of them after the resume
     if method == "ssam_f":

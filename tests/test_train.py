@@ -62,7 +62,8 @@ def test_mixed_precision_trains(compose_cfg, tmp_path, precision):
 
 
 CHEAP = [("looksam",), ("msam",), ("sam", "optimizer.sam_every=3"),
-         ("sam", "optimizer.sam_prob=0.5"), ("sam", "optimizer.m=8")]
+         ("sam", "optimizer.sam_prob=0.5"), ("sam", "optimizer.m=8"),
+         ("sam", "trainer.micro_batches=4"), ("sgd", "trainer.micro_batches=2")]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

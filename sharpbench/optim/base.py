@@ -219,7 +219,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """SAM's step; ``closure`` is called twice (at ``w`` and at ``w + e``). A method with
         another step overrides this, not :meth:`step`. With ``m``: :meth:`m_sharpness_step`."""
         closure = require_closure(closure, type(self).__name__)
-        if self.m is not None:
+        if self.samples_per_perturbation(context) is not None:
             return self.m_sharpness_step(context)
         loss = self.call_closure(closure)
         self.perturbed_pass(closure, context)
@@ -237,6 +237,19 @@ class SharpnessAwareOptimizer(Optimizer):
         finally:
             self.restore()
 
+    def samples_per_perturbation(self, context: StepContext | None) -> int | None:
+        """``m`` for this step: the method's own, else the driver's micro-batch size (gradient
+        accumulation: each micro-batch perturbs with its own gradient), for a method that takes
+        ``m``; ``None``: one perturbation for the batch."""
+        micro = None if context is None else context.micro_batch
+        if not self.takes_m or micro is None:
+            return self.m
+        if self.m is not None and micro % self.m:
+            raise ValueError(f"m={self.m} (samples per perturbation, optimizer.m) must divide the "
+                             f"micro-batch of {micro} samples (trainer.micro_batches): choose m "
+                             f"among the divisors of {micro}, or leave it unset")
+        return self.m if self.m is not None else micro
+
     @torch.no_grad()
     def m_sharpness_step(self, context: StepContext | None) -> Tensor:
         """m-sharpness on one device (Foret et al. 2021, section 4.1): the batch in chunks of
@@ -253,7 +266,7 @@ class SharpnessAwareOptimizer(Optimizer):
                              "(closures over chunks of m samples); the Lightning module and the "
                              "bench offer them; in a loop of your own pass "
                              "StepContext(chunk_closures=lambda m: [closure over x[i:i+m], ...])")
-        closures = context.chunk_closures(self.m)
+        closures = context.chunk_closures(self.samples_per_perturbation(context))
         total, losses = None, []
         for chunk in closures:
             losses.append(self.call_closure(chunk))

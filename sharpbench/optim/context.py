@@ -32,6 +32,10 @@ Inputs (set by the driver):
   of the batch (``m`` divides the batch), each counted as ``m / batch`` of a pass; only the first
   chunk's first pass updates BatchNorm running statistics (as rank 0's copy under DDP). For
   m-sharpness on one device (``m`` of a method that takes it).
+- ``micro_batch``: the driver runs the batch as micro-batches of this many samples (gradient
+  accumulation, :mod:`sharpbench.optim.accumulation`): the step's closures accumulate over them,
+  and a method that takes ``m`` perturbs each micro-batch with its own gradient (``m`` defaults to
+  it; a set ``m`` must divide it). ``None``: the batch is one pass.
 - ``class_counts``: training images per class (a 1-D tensor).
 - ``grad_reducer(grads)``: averages gradients across devices in place; called before the base
   step, and before the perturbation too if ``reduce_perturbation_grads`` (by default each device
@@ -78,6 +82,7 @@ class StepContext:
     closure_of: Callable[[Reduce], Callable[[], Tensor]] | None = None
     batch_idx: int | None = None
     chunk_closures: Callable[[int], list[Callable[[], Tensor]]] | None = None
+    micro_batch: int | None = None
     class_counts: Tensor | None = None
     grad_reducer: Callable[[list[Tensor]], None] | None = None
     reduce_perturbation_grads: bool = False

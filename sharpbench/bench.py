@@ -201,8 +201,9 @@ class StepHarness:
     def _uncounted(self):
         return self.counts.paused() if self.counts is not None else nullcontext()
 
-    def closure(self, reduce=None, rows: slice | None = None):
-        """The step's closure (over the batch, or its ``rows``: a chunk, priced by its share)."""
+    def closure(self, reduce=None, rows: slice | torch.Tensor | None = None):
+        """The step's closure (over the batch, or its ``rows``: a chunk or the positions of some
+        samples, priced by their share)."""
         x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
         self.passes += len(y) / self.batch
         with self._uncounted():
@@ -223,6 +224,25 @@ class StepHarness:
         from .optim.context import chunk_slices
         return chunk_bn_closures(self.model, [partial(self.closure, rows=s)
                                               for s in chunk_slices(self.batch, m)], self.bn_policy)
+
+    def closure_on(self, index: torch.Tensor):
+        """The closure over the samples ``index`` (ESAM's selection), BatchNorm as a later pass."""
+        from .optim.bn import later_pass
+
+        def closure(reduce=None):
+            with later_pass(self.model, self.bn_policy):
+                return self.closure(reduce, rows=index)
+        return closure
+
+    def per_sample_losses(self):
+        """Each sample's loss, forward only (priced ``FORWARD_SHARE`` of a pass; part of every
+        ESAM step, so not counted as a refresh's extra call)."""
+        from .optim.bn import later_pass
+        from .optim.context import FORWARD_SHARE
+        self.passes += FORWARD_SHARE
+        with self._uncounted(), torch.no_grad(), later_pass(self.model, self.bn_policy), \
+                self.autocast():
+            return F.cross_entropy(self.forward(self.x).float(), self.y, reduction="none")
 
     def loss_closure(self, mode: str = "train"):
         from .optim.bn import frozen_bn_stats
@@ -258,7 +278,8 @@ class StepHarness:
         return StepContext(model=self.model, loss_closure=self.loss_closure, sample=self.sample,
                            extra_pass=self.extra_pass, class_counts=self.class_counts,
                            chunk_closures=self.chunk_closures,
-                           closure_of=lambda reduce: partial(closure, reduce=reduce))
+                           closure_of=lambda reduce: partial(closure, reduce=reduce),
+                           closure_on=self.closure_on, per_sample_losses=self.per_sample_losses)
 
     @property
     def hvps(self) -> int:
@@ -556,7 +577,7 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
               n_steps: int, warmup: int) -> float:
     """Seconds per step of a hand-written loop: the same optimizer, closure and BatchNorm
     policy, stepping the LR schedule like the module, over ``loader``."""
-    from .optim.bn import first_pass_updates_bn, frozen_bn_stats
+    from .optim.bn import first_pass_updates_bn, frozen_bn_stats, later_pass
     from .optim.factory import build_optimizer
     from .schedule import build_scheduler
     opt = build_optimizer(model, optimizer_config(method))
@@ -587,11 +608,25 @@ def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.devi
             with frozen_bn_stats(model), autocast():
                 return F.cross_entropy(model(x).float(), y)
 
+        def closure_on(index, x=x, y=y):
+            def on(reduce=None):
+                opt.zero_grad(set_to_none=True)
+                with later_pass(model), autocast():
+                    loss = F.cross_entropy(forward(x[index]).float(), y[index])
+                loss.backward()
+                return loss.detach()
+            return on
+
+        def per_sample_losses(x=x, y=y):
+            with torch.no_grad(), later_pass(model), autocast():
+                return F.cross_entropy(forward(x).float(), y, reduction="none")
+
         if hasattr(opt, "base_optimizer"):
             step_closure = first_pass_updates_bn(model, closure)
             opt.step(step_closure, context=StepContext(
                 model=model, loss_closure=loss_closure, sample=lambda n: (x[:n], y[:n]),
-                class_counts=counts, batch_idx=i,
+                class_counts=counts, batch_idx=i, closure_on=closure_on,
+                per_sample_losses=per_sample_losses,
                 closure_of=lambda reduce: partial(step_closure, reduce=reduce)))
         else:
             closure()

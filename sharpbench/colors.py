@@ -26,6 +26,7 @@ METHOD_COLORS = {
     "gsam": "#393b79",         # indigo
     "looksam": "#637939",      # dark olive green
     "msam": "#d6616b",         # rose
+    "esam": "#e6550d",         # dark orange
     "adam": "#ad494a",
     "adamw": "#843c39",
     "rmsprop": "#7b4173",

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from .amp import DynamicLossScaler
 from .optim.accumulation import accumulated_closure
 from .optim.base import SharpnessAwareOptimizer
-from .optim.bn import bn_policy_closure, check_bn_policy, chunk_bn_closures, frozen_bn_stats
-from .optim.context import StepContext, chunk_slices
+from .optim.bn import (bn_policy_closure, check_bn_policy, chunk_bn_closures, frozen_bn_stats,
+                       later_pass)
+from .optim.context import FORWARD_SHARE, StepContext, chunk_slices
 from .optim.factory import build_optimizer
 from . import run_logging
 from .schedule import build_scheduler
@@ -201,10 +202,11 @@ class SharpnessModule(L.LightningModule):
         return n // self.micro_batches
 
     def pass_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                     pass_fraction: float = 1.0):
+                     pass_fraction: float = 1.0, count_hits: bool = True):
         """The closure of :meth:`make_closure` without a BatchNorm policy; each call counts
-        ``pass_fraction`` of a pass (a chunk of the batch: its share)."""
-        first = [True]
+        ``pass_fraction`` of a pass (a chunk of the batch: its share); the first call's
+        predictions count for the training accuracy unless ``count_hits`` is False."""
+        first = [count_hits]
 
         def closure(reduce=None) -> Tensor:
             self.passes += pass_fraction
@@ -229,6 +231,33 @@ class SharpnessModule(L.LightningModule):
         return chunk_bn_closures(self.model, [self.pass_closure(opt, x[s], y[s], m / n)
                                               for s in chunk_slices(n, m)], self.bn_policy)
 
+    def closure_on(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+        """``closure_on(index)``: the step's closure over the samples ``index`` of the batch,
+        counted as their share of a pass, BatchNorm statistics as in a later pass."""
+        n = int(x.shape[0])
+
+        def on(index: Tensor):
+            inner = self.pass_closure(opt, x[index], y[index], int(index.numel()) / n,
+                                      count_hits=False)
+
+            def closure(*args, **kwargs) -> Tensor:
+                with later_pass(self.model, self.bn_policy):
+                    return inner(*args, **kwargs)
+            return closure
+        return on
+
+    def per_sample_losses(self, x: Tensor, y: Tensor):
+        """``per_sample_losses()``: each sample's training loss at the current weights, from a
+        forward pass without graph (``FORWARD_SHARE`` of a pass), BatchNorm statistics as in a
+        later pass."""
+        def losses() -> Tensor:
+            self.passes += FORWARD_SHARE
+            with torch.no_grad(), later_pass(self.model, self.bn_policy), self.autocast():
+                logits = self(x)
+            return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing,
+                                   reduction="none")
+        return losses
+
     def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int,
                      opt: torch.optim.Optimizer | None = None) -> StepContext:
         """Everything a method may read from this step (``sharpbench.optim.context``); the
@@ -239,6 +268,8 @@ class SharpnessModule(L.LightningModule):
             batch_idx=batch_idx,
             chunk_closures=None if opt is None else (lambda m: self.chunk_closures(opt, x, y, m)),
             micro_batch=self.micro_size(x),
+            per_sample_losses=self.per_sample_losses(x, y),
+            closure_on=None if opt is None else self.closure_on(opt, x, y),
             class_counts=self.class_counts if self.class_counts.numel() else None,
             grad_reducer=all_reduce_mean if self._ddp else None,
             reduce_perturbation_grads=self.sync_perturbation and self._ddp,

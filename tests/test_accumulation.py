@@ -186,7 +186,7 @@ def test_training_with_micro_batches_is_m_sharpness_and_updates_bn_once_per_step
         "micro_batches"] == 4
 
 
-@pytest.mark.parametrize("method", ["sgd", "looksam", "ssam_f", "imb_sam"])
+@pytest.mark.parametrize("method", ["sgd", "looksam", "ssam_f", "imb_sam", "esam"])
 def test_training_with_micro_batches_runs_every_kind_of_method(compose_cfg, tmp_path, method):
     record = smoke(compose_cfg, tmp_path, f"optimizer={method}", "trainer.micro_batches=2")
     assert record["status"] == "completed"

@@ -609,3 +609,101 @@ def test_msam_needs_momentum_and_runs_on_adamw():
         take_step(opt, model, (x, y))
     assert all("exp_avg" in opt.base_optimizer.state[p] for p in model.parameters())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ ESAM
+def esam_context(opt, model, x, y):
+    """What a driver offers ESAM: the first pass with its own reduction, each sample's loss
+    (forward only) and a closure over chosen samples."""
+    from sharpbench.optim.context import StepContext
+
+    def closure_of(reduce):
+        def closure():
+            opt.zero_grad()
+            loss = reduce(F.cross_entropy(model(x), y, reduction="none"), y)
+            loss.backward()
+            return loss
+        return closure
+
+    def per_sample_losses():
+        with torch.no_grad():
+            return F.cross_entropy(model(x), y, reduction="none")
+
+    def closure_on(index):
+        return closure_for(opt, model, x[index], y[index])
+    return StepContext(closure_of=closure_of, per_sample_losses=per_sample_losses,
+                       closure_on=closure_on)
+
+
+@pytest.mark.parametrize("beta, gamma, sds_count, adaptive",
+                         [(0.6, 0.5, "authors", False), (1.0, 0.5, "paper", False),
+                          (0.5, 1.0, "authors", False), (0.7, 0.75, "authors", True)])
+def test_esam_matches_hand_written(beta, gamma, sds_count, adaptive):
+    """SWP: after each step one draw per tensor, u > beta drops it from the next perturbation
+    (random.Random(swp_seed), in parameter order); e = rho/beta·g/(||g|| + 1e-7) over the kept
+    tensors. SDS: the k - 1 (authors) or k (paper) samples whose loss rises most at w + e,
+    k = floor(gamma·n); the base step with their mean gradient at w + e."""
+    import random
+    from sharpbench.optim import ESAM
+    rho, seed = 0.2, 3
+    model, batches = make_model(), make_batches(n=8)
+    opt = ESAM(model.parameters(), torch.optim.SGD, rho=rho, beta=beta, gamma=gamma,
+               sds_count=sds_count, adaptive=adaptive, swp_seed=seed, **SGD_KW)
+    ws, sgd, rng, dropped = start(model), RefSGD(), random.Random(seed), set()
+    for x, y in batches:
+        g, loss_w = grad_of(ws, x, y)
+        kept = [i for i in range(len(ws)) if i not in dropped]
+        if kept:
+            t = [ws[i].abs() if adaptive else torch.ones_like(ws[i]) for i in range(len(ws))]
+            scale = rho / beta / (norm([t[i] * g[i] for i in kept]) + 1e-7)
+            e = [t[i] ** 2 * g[i] * scale if i in kept else torch.zeros_like(g[i])
+                 for i in range(len(ws))]
+        else:
+            e = [torch.zeros_like(gi) for gi in g]
+        w_e = [w + ei for w, ei in zip(ws, e)]
+        if gamma < 0.99:
+            rise = F.cross_entropy(forward(w_e, x), y, reduction="none") - \
+                F.cross_entropy(forward(ws, x), y, reduction="none")
+            k = int(len(y) * gamma)
+            keep = k - 1 if sds_count == "authors" else k
+            chosen = sorted(sorted(range(len(y)), key=lambda i: -rise[i].item())[:keep])
+            sel = torch.tensor(chosen)
+        else:
+            sel = torch.arange(len(y))
+        g_s, _ = grad_of(w_e, x[sel], y[sel])
+        ws = sgd.step(ws, g_s)
+        dropped = {i for i in range(len(ws)) if rng.random() > beta}
+        loss = opt.step(closure_for(opt, model, x, y), context=esam_context(opt, model, x, y))
+        torch.testing.assert_close(loss.detach(), loss_w)
+        assert_params(model, ws)
+    assert opt.method_state["swp_dropped"] == sorted(dropped)
+
+
+def test_esam_resumes_its_draws_and_refuses_bad_settings():
+    from sharpbench.optim import ESAM
+    batches = make_batches(n=6)
+    a = make_model()
+    oa = ESAM(a.parameters(), torch.optim.SGD, beta=0.5, swp_seed=1, **SGD_KW)
+    for x, y in batches[:3]:
+        oa.step(closure_for(oa, a, x, y), context=esam_context(oa, a, x, y))
+    saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(oa.state_dict())
+    b = make_model(seed=7)
+    ob = ESAM(b.parameters(), torch.optim.SGD, beta=0.5, swp_seed=1, **SGD_KW)
+    b.load_state_dict(saved_model)
+    ob.load_state_dict(saved_opt)
+    for x, y in batches[3:]:
+        for o, m in ((oa, a), (ob, b)):
+            o.step(closure_for(o, m, x, y), context=esam_context(o, m, x, y))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert oa.method_state["swp_dropped"] == ob.method_state["swp_dropped"]
+    for bad, match in ((dict(beta=0.0), "beta"), (dict(gamma=1.5), "gamma"),
+                       (dict(sds_count="all"), "sds_count")):
+        with pytest.raises(ValueError, match=match):
+            ESAM(make_model().parameters(), torch.optim.SGD, **bad, **SGD_KW)
+    opt = ESAM(a.parameters(), torch.optim.SGD, gamma=0.1, **SGD_KW)   # keeps 0 of 12
+    x, y = batches[0]
+    with pytest.raises(ValueError, match="keeps 0 of a batch of 12"):
+        opt.step(closure_for(opt, a, x, y), context=esam_context(opt, a, x, y))
+    with pytest.raises(ValueError, match="closure_of"):
+        ESAM(a.parameters(), torch.optim.SGD, **SGD_KW).step(closure_for(opt, a, x, y))

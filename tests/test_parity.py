@@ -638,3 +638,97 @@ def test_fisher_terms_run_outside_autocast():
         under, _ = fisher_terms(model, params, x, y, batch_size=4)
     for a, b in zip(under, plain):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+# --------------------------------------------------------------------- dydjw9/Efficient_SAM
+def dydjw9_esam(model, batches, rho, beta, gamma, seed):
+    """dydjw9/Efficient_SAM ``utils/Esam.py`` (``ESAM.step``: first_step, the no-grad forward at
+    w + e, the top-gamma selection, second_step) driven as its ``train.py`` with a per-sample
+    cross-entropy; its module-level ``random`` is a ``random.Random(seed)`` here. BatchNorm in
+    train mode throughout: all three forwards update the running statistics."""
+    import random
+    rnd = random.Random(seed)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, **SGD_KW)
+    state: dict = {}
+    model.train()
+    for x, y in batches:
+        per = F.cross_entropy(model(x), y, reduction="none")
+        l_before = per.clone().detach()
+        per.mean().backward()
+        with torch.no_grad():                                  # first_step
+            have = [p for p in params if p.grad is not None]
+            grad_norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in have]), p=2)
+            scale = rho / (grad_norm + 1e-7) / beta
+            for p in params:
+                p.requires_grad = True
+                if p.grad is None:
+                    continue
+                e_w = p.grad * scale.to(p)
+                p.add_(e_w * 1)
+                state[p] = e_w
+        opt.zero_grad()
+        with torch.no_grad():
+            l_after = F.cross_entropy(model(x), y, reduction="none")
+            sharpness = l_after - l_before
+            position = int(len(y) * gamma)
+            cutoff = torch.topk(sharpness, position)[0][-1]
+            indices = [sharpness > cutoff]
+        F.cross_entropy(model(x[indices]), y[indices], reduction="none").mean().backward()
+        with torch.no_grad():                                  # second_step
+            for p in params:
+                if p.grad is None or p not in state:
+                    continue
+                p.sub_(state[p])
+                state[p] = 0
+                if rnd.random() > beta:
+                    p.requires_grad = False
+        opt.step()
+        opt.zero_grad()
+    for p in params:
+        p.requires_grad = True
+
+
+# their ``inputs[indices]`` with ``indices = [mask]`` (a list holding a boolean tensor): torch warns
+# that this indexing is deprecated; it still selects the masked samples.
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")
+def test_esam_matches_dydjw9():
+    from sharpbench.optim import ESAM
+    from sharpbench.optim.context import StepContext
+    ours_m, batches = make_model(), make_batches(n=8)
+    theirs = copy.deepcopy(ours_m)
+    opt = ESAM(ours_m.parameters(), torch.optim.SGD, rho=0.3, beta=0.6, gamma=0.5, swp_seed=4,
+               **SGD_KW)
+
+    drops = []
+
+    def context(t):
+        x, y = batches[t]
+        drops.append(list(opt.method_state["swp_dropped"]))   # drawn out for this step
+
+        def closure_of(reduce):
+            def closure():
+                opt.zero_grad()
+                loss = reduce(F.cross_entropy(ours_m(x), y, reduction="none"), y)
+                loss.backward()
+                return loss
+            return closure
+
+        def per_sample_losses():
+            with torch.no_grad():
+                return F.cross_entropy(ours_m(x), y, reduction="none")
+
+        def closure_on(index):
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(ours_m(x[index]), y[index])
+                loss.backward()
+                return loss
+            return closure
+        return {"context": StepContext(closure_of=closure_of, per_sample_losses=per_sample_losses,
+                                       closure_on=closure_on)}
+
+    run_ours(opt, ours_m, batches, "both_passes", extras=context)
+    dydjw9_esam(theirs, batches, 0.3, 0.6, 0.5, seed=4)
+    assert any(drops) and not all(drops), drops          # SWP dropped tensors on some steps
+    assert_same_model(ours_m, theirs)

@@ -6,6 +6,7 @@ Every method: ``Cls(params, base_optimizer=<optimizer class>, <method hyperparam
 from .a2sam import A2SAM
 from .asam import ASAM
 from .base import SharpnessAwareOptimizer
+from .esam import ESAM
 from .bn import first_pass_updates_bn, frozen_bn_stats
 from .friendly import FriendlySAM
 from .gsam import GSAM
@@ -29,6 +30,6 @@ def __getattr__(name: str):
 __all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "MethodInfo", "method", "methods",
            "register", "register_method", "first_pass_updates_bn",
            "frozen_bn_stats"]
-__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM"]
+__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM", "ESAM"]
 __all__ += ["FriendlySAM", "SSAMF", "SSAMD", "SparseSAM", "ImbSAM", "GSAM", "split_loss",
             "tail_class_mask"]

@@ -128,6 +128,19 @@ def bn_policy_closure(model: nn.Module, closure: Callable, policy: str = "first_
     return wrapped
 
 
+@contextmanager
+def later_pass(model: nn.Module, policy: str = "first_pass") -> Iterator[None]:
+    """Around a pass a method runs after a step's first one, outside its closure (ESAM's
+    forward-only pass at ``w + e`` and its pass over the selected samples): BatchNorm running
+    statistics as ``policy`` treats a later pass (frozen; updated; momentum 0)."""
+    check_bn_policy(policy)
+    if policy == "both_passes":
+        yield
+        return
+    with (frozen_bn_stats if policy == "first_pass" else zero_momentum_bn)(model):
+        yield
+
+
 def chunk_bn_closures(model: nn.Module, closures: list[Callable],
                       policy: str = "first_pass") -> list[Callable]:
     """Wrap the closures over the chunks of ONE step's batch (m-sharpness): the first chunk's

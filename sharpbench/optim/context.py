@@ -36,6 +36,12 @@ Inputs (set by the driver):
   accumulation, :mod:`sharpbench.optim.accumulation`): the step's closures accumulate over them,
   and a method that takes ``m`` perturbs each micro-batch with its own gradient (``m`` defaults to
   it; a set ``m`` must divide it). ``None``: the batch is one pass.
+- ``per_sample_losses()``: the training loss of each sample of the batch at the current weights,
+  from a forward pass without graph (counted as ``FORWARD_SHARE`` of a pass: its FLOPs), BatchNorm
+  running statistics as in a later pass of the step (ESAM's sharpness per sample).
+- ``closure_on(index)``: a closure like the step's own over the samples ``index`` of the batch
+  (a 1-D tensor of positions), counted as ``len(index) / batch`` of a pass, BatchNorm running
+  statistics as in a later pass (ESAM's pass over the samples it selects).
 - ``class_counts``: training images per class (a 1-D tensor).
 - ``grad_reducer(grads)``: averages gradients across devices in place; called before the base
   step, and before the perturbation too if ``reduce_perturbation_grads`` (by default each device
@@ -60,6 +66,8 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 LossClosure = Callable[..., Tensor]
+# A forward pass without backward, as a share of a training pass (forward + backward ≈ 3 forwards).
+FORWARD_SHARE = 1.0 / 3.0
 Reduce = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -83,6 +91,8 @@ class StepContext:
     batch_idx: int | None = None
     chunk_closures: Callable[[int], list[Callable[[], Tensor]]] | None = None
     micro_batch: int | None = None
+    per_sample_losses: Callable[[], Tensor] | None = None
+    closure_on: Callable[[Tensor], Callable[[], Tensor]] | None = None
     class_counts: Tensor | None = None
     grad_reducer: Callable[[list[Tensor]], None] | None = None
     reduce_perturbation_grads: bool = False

@@ -121,6 +121,14 @@ def parse_options(argv: list[str]) -> dict[str, Any]:
         unknown = [m for m in split(opts[key]) if not (CONF / f"{m}.yaml").is_file()]
         if unknown:
             raise BenchConfigError(f"{key}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    refused = {m: sorted(set(registry.methods()[m].needs) - set(PLAIN_RUN_OFFERS))
+               for m in split(opts["driver_methods"]) if m in registry.methods()}
+    refused = {m: missing for m, missing in refused.items() if missing}
+    if refused:
+        raise BenchConfigError(
+            "driver_methods: the hand-written loop of the driver section does not offer "
+            + "; ".join(f"{m} its {', '.join(missing)}" for m, missing in refused.items())
+            + " (the Lightning module does): leave these methods out of driver_methods")
     unknown = [s for s in split(opts["sections"]) if s not in SECTIONS]
     if unknown:
         raise BenchConfigError(f"sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
@@ -176,6 +184,7 @@ class StepHarness:
     pass_batch: int = 0         # the batch a Fisher pass is priced against (0: ``batch``)
     extra_calls: int = 0
     counts: Any = None          # a DispatchCounts while ops are being counted
+    epoch: int = 1000           # the epoch a step reports (SAF/MESA: past their kl_start_epoch)
     model: nn.Module = field(init=False)
     opt: torch.optim.Optimizer = field(init=False)
 
@@ -201,7 +210,7 @@ class StepHarness:
     def _uncounted(self):
         return self.counts.paused() if self.counts is not None else nullcontext()
 
-    def closure(self, reduce=None, rows: slice | torch.Tensor | None = None):
+    def closure(self, reduce=None, rows: slice | torch.Tensor | None = None, term=None):
         """The step's closure (over the batch, or its ``rows``: a chunk or the positions of some
         samples, priced by their share)."""
         x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
@@ -210,11 +219,13 @@ class StepHarness:
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
                 logits = self.forward(x)
+                ids = torch.arange(self.batch, device=y.device)
+                extra = None if term is None else term(logits, x, ids if rows is None else ids[rows])
             if reduce is None:
                 loss = F.cross_entropy(logits.float(), y)
             else:
                 loss = reduce(F.cross_entropy(logits.float(), y, reduction="none"), y)
-            loss.backward()
+            (loss if extra is None else loss + extra.float()).backward()
             return loss.detach()
 
     def chunk_closures(self, m: int) -> list:
@@ -265,11 +276,15 @@ class StepHarness:
         return self.x[idx], self.y[idx]
 
     @contextmanager
-    def extra_pass(self, samples: int | None = None):
-        """A pass the method runs itself (SSAM-F's Fisher passes): a pass (``samples / batch`` of
-        one, priced by its FLOPs), not optimizer ops."""
-        self.passes += 1 if samples is None else samples / (self.pass_batch or self.batch)
-        self.extra_calls += 1
+    def extra_pass(self, samples: int | None = None, forward_only: bool = False):
+        """A pass the method runs itself (SSAM-F's Fisher passes, MESA's teacher): a pass
+        (``samples / batch`` of one, priced by its FLOPs; a third of that forward only), not
+        optimizer ops."""
+        from .optim.context import FORWARD_SHARE
+        share = 1 if samples is None else samples / (self.pass_batch or self.batch)
+        self.passes += share * (FORWARD_SHARE if forward_only else 1)
+        if not forward_only:   # a forward-only pass (MESA's teacher) is part of every step
+            self.extra_calls += 1
         with self._uncounted():
             yield
 
@@ -279,7 +294,10 @@ class StepHarness:
                            extra_pass=self.extra_pass, class_counts=self.class_counts,
                            chunk_closures=self.chunk_closures,
                            closure_of=lambda reduce: partial(closure, reduce=reduce),
-                           closure_on=self.closure_on, per_sample_losses=self.per_sample_losses)
+                           closure_on=self.closure_on, per_sample_losses=self.per_sample_losses,
+                           closure_with=lambda term: partial(closure, term=term),
+                           sample_ids=torch.arange(self.batch, device=self.y.device),
+                           dataset_size=self.batch, epoch=self.epoch)
 
     @property
     def hvps(self) -> int:
@@ -291,7 +309,10 @@ class StepHarness:
         return bool(due()) if callable(due) else False
 
     def step(self) -> None:
+        """One optimizer step on the batch; each step counts as a new epoch of a long run, so
+        that epoch-windowed terms (SAF's and MESA's trajectory losses) are on."""
         from .optim.bn import bn_policy_closure
+        self.epoch += 1
         if hasattr(self.opt, "base_optimizer"):
             closure = bn_policy_closure(self.model, self.closure, self.bn_policy)
             self.opt.step(closure, context=self.context(closure))
@@ -571,6 +592,11 @@ def lightning_run(model: nn.Module, method: str, data, o: dict, device: torch.de
                             num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=tmp)
         trainer.fit(module, datamodule=data)
     return (marks[1] - marks[0]) / n_steps
+
+
+# The step-context fields the driver section's hand-written loop (plain_run) offers a method.
+PLAIN_RUN_OFFERS = ("model", "loss_closure", "sample", "class_counts", "batch_idx", "closure_on",
+                    "per_sample_losses", "closure_of")
 
 
 def plain_run(model: nn.Module, method: str, loader, o: dict, device: torch.device,

@@ -27,6 +27,8 @@ METHOD_COLORS = {
     "looksam": "#637939",      # dark olive green
     "msam": "#d6616b",         # rose
     "esam": "#e6550d",         # dark orange
+    "saf": "#31a354",          # mid green
+    "mesa": "#756bb1",         # slate purple
     "adam": "#ad494a",
     "adamw": "#843c39",
     "rmsprop": "#7b4173",

@@ -176,7 +176,8 @@ class SharpnessModule(L.LightningModule):
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(list(self.model.parameters()))
 
-    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
+    def make_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                     ids: Tensor | None = None):
         """The step's closure: zero the gradients, forward (autocast), loss, backward (scaled and
         unscaled for fp16), return the detached loss. ``closure(reduce)`` uses a method's own
         reduction of the per-sample losses. BatchNorm statistics follow ``bn_policy`` over all
@@ -187,8 +188,9 @@ class SharpnessModule(L.LightningModule):
         :mod:`sharpbench.optim.accumulation`); BatchNorm statistics come from the first
         micro-batch, as rank 0's under DDP over ``k`` devices."""
         if self.micro_batches == 1:
-            return bn_policy_closure(self.model, self.pass_closure(opt, x, y), self.bn_policy)
-        return accumulated_closure(self.chunk_closures(opt, x, y, self.micro_size(x)),
+            return bn_policy_closure(self.model, self.pass_closure(opt, x, y, ids=ids),
+                                     self.bn_policy)
+        return accumulated_closure(self.chunk_closures(opt, x, y, self.micro_size(x), ids),
                                    self.model.parameters())
 
     def micro_size(self, x: Tensor) -> int | None:
@@ -202,34 +204,39 @@ class SharpnessModule(L.LightningModule):
         return n // self.micro_batches
 
     def pass_closure(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                     pass_fraction: float = 1.0, count_hits: bool = True):
+                     pass_fraction: float = 1.0, count_hits: bool = True,
+                     ids: Tensor | None = None):
         """The closure of :meth:`make_closure` without a BatchNorm policy; each call counts
         ``pass_fraction`` of a pass (a chunk of the batch: its share); the first call's
-        predictions count for the training accuracy unless ``count_hits`` is False."""
+        predictions count for the training accuracy unless ``count_hits`` is False.
+        ``closure(term=...)`` adds ``term(logits, x, ids)`` to the loss (``closure_with``)."""
         first = [count_hits]
 
-        def closure(reduce=None) -> Tensor:
+        def closure(reduce=None, term=None) -> Tensor:
             self.passes += pass_fraction
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 logits = self(x)
+                extra = None if term is None else term(logits, x, ids)
             if first[0]:  # training accuracy: the first pass of a step, at the weights it starts from
                 first[0] = False
                 self._hits = self._hits + (logits.detach().argmax(1) == y).sum()
                 self._seen += int(y.shape[0])
             loss = self.training_loss(logits, y, reduce)
-            self.backward_pass(loss)
+            # a term (SAF's trajectory loss) is trained on but not reported as the training loss
+            self.backward_pass(loss if extra is None else loss + extra.float())
             return loss.detach()
         return closure
 
     def chunk_closures(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                       m: int) -> list:
+                       m: int, ids: Tensor | None = None) -> list:
         """Closures over consecutive chunks of ``m`` samples (m-sharpness on one device): each
         counts ``m / batch`` of a pass; only the first chunk's first pass updates BatchNorm
         running statistics (under DDP with ``batch / m`` devices, rank 0's copy is the one kept)."""
         n = int(x.shape[0])
-        return chunk_bn_closures(self.model, [self.pass_closure(opt, x[s], y[s], m / n)
-                                              for s in chunk_slices(n, m)], self.bn_policy)
+        return chunk_bn_closures(self.model, [
+            self.pass_closure(opt, x[s], y[s], m / n, ids=None if ids is None else ids[s])
+            for s in chunk_slices(n, m)], self.bn_policy)
 
     def closure_on(self, opt: torch.optim.Optimizer, x: Tensor, y: Tensor):
         """``closure_on(index)``: the step's closure over the samples ``index`` of the batch,
@@ -259,7 +266,8 @@ class SharpnessModule(L.LightningModule):
         return losses
 
     def step_context(self, closure, x: Tensor, y: Tensor, batch_idx: int,
-                     opt: torch.optim.Optimizer | None = None) -> StepContext:
+                     opt: torch.optim.Optimizer | None = None, ids: Tensor | None = None,
+                     dataset_size: int | None = None) -> StepContext:
         """Everything a method may read from this step (``sharpbench.optim.context``); the
         closures in it are built now and run only if the method calls them."""
         return StepContext(
@@ -270,6 +278,8 @@ class SharpnessModule(L.LightningModule):
             micro_batch=self.micro_size(x),
             per_sample_losses=self.per_sample_losses(x, y),
             closure_on=None if opt is None else self.closure_on(opt, x, y),
+            closure_with=lambda term: partial(closure, term=term),
+            sample_ids=ids, dataset_size=dataset_size, epoch=self.current_epoch,
             class_counts=self.class_counts if self.class_counts.numel() else None,
             grad_reducer=all_reduce_mean if self._ddp else None,
             reduce_perturbation_grads=self.sync_perturbation and self._ddp,
@@ -313,11 +323,13 @@ class SharpnessModule(L.LightningModule):
         return sample
 
     @contextmanager
-    def extra_pass(self, samples: int | None = None) -> Iterator[None]:
-        """A pass a method runs itself (SSAM-F's Fisher passes), counted in ``passes`` at its FLOP
-        price: ``samples / batch size`` of a training pass over ``samples`` samples, else 1."""
+    def extra_pass(self, samples: int | None = None, forward_only: bool = False) -> Iterator[None]:
+        """A pass a method runs itself (SSAM-F's Fisher passes, MESA's teacher), counted in
+        ``passes`` at its FLOP price: ``samples / batch size`` of a training pass over ``samples``
+        samples, else 1; ``FORWARD_SHARE`` of that for a forward-only pass."""
         batch = self.input_shape[0] if self.input_shape else None
-        self.passes += 1 if samples is None or not batch else samples / batch
+        share = 1 if samples is None or not batch else samples / batch
+        self.passes += share * (FORWARD_SHARE if forward_only else 1)
         yield
 
     def before_base_step(self) -> bool:
@@ -350,9 +362,13 @@ class SharpnessModule(L.LightningModule):
         raw = opt.optimizer
         lr = raw.param_groups[0]["lr"]  # the learning rate this step uses
         self.input_shape = tuple(x.shape)  # for the FLOP count of a pass (record.py)
-        closure = self.make_closure(raw, x, y)
+        # the samples' dataset positions (SAF's record of past outputs is keyed by them)
+        ids = loader.sample_ids(self.current_epoch, batch_idx) \
+            if hasattr(loader, "sample_ids") else None
+        closure = self.make_closure(raw, x, y, ids)
         if isinstance(raw, SharpnessAwareOptimizer):
-            context = self.step_context(closure, x, y, batch_idx, opt=raw)
+            context = self.step_context(closure, x, y, batch_idx, opt=raw, ids=ids,
+                                        dataset_size=len(loader.y) if ids is not None else None)
             loss = opt.step(closure=closure, context=context)
         else:  # one-pass optimizers: SGD, Adam, HATAM …
             context = StepContext()

@@ -387,6 +387,22 @@ def test_loader_same_seed_same_batches_and_epochs_differ():
     assert not torch.equal(torch.cat([y for _, y in _batches(c)]), torch.cat([y for _, y in ea]))
 
 
+def test_loader_sample_ids_name_each_batchs_samples():
+    """SAF keys its record by these: the ids of batch b of epoch e are the dataset positions of
+    that batch's samples, on every rank, for the epoch being served and for another."""
+    x, y = _toy()
+    y = torch.arange(len(y))                      # labels = positions, so a batch names its samples
+    for rank in (0, 1):
+        loader = DeviceLoader(x, y, 8, shuffle=True, drop_last=True, seed=3, rank=rank,
+                              world_size=2)
+        for epoch in range(2):
+            for b, (_, yb) in enumerate(loader):
+                assert torch.equal(loader.sample_ids(epoch, b), yb)
+        fresh = DeviceLoader(x, y, 8, shuffle=True, drop_last=True, seed=3, rank=rank, world_size=2)
+        first = [yb for _, yb in fresh]
+        assert torch.equal(loader.sample_ids(0, 1), first[1])     # an epoch other than the cached
+
+
 def test_loader_without_augmentation_normalises_exactly():
     x, y = _toy(10)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

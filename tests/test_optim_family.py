@@ -707,3 +707,118 @@ def test_esam_resumes_its_draws_and_refuses_bad_settings():
         opt.step(closure_for(opt, a, x, y), context=esam_context(opt, a, x, y))
     with pytest.raises(ValueError, match="closure_of"):
         ESAM(a.parameters(), torch.optim.SGD, **SGD_KW).step(closure_for(opt, a, x, y))
+
+
+# ------------------------------------------------------------------------------ SAF and MESA
+def trajectory_context(opt, model, x, y, ids, epoch, n):
+    """What a driver offers SAF/MESA: a closure with a loss term, the samples' ids, the epoch."""
+    from sharpbench.optim.context import StepContext
+
+    def closure_with(term):
+        def closure():
+            opt.zero_grad()
+            logits = model(x)
+            extra = term(logits, x, ids)
+            loss = F.cross_entropy(logits, y)
+            (loss if extra is None else loss + extra).backward()
+            return loss
+        return closure
+    return StepContext(closure_with=closure_with, sample_ids=ids, dataset_size=n, epoch=epoch,
+                       model=model)
+
+
+def epochs_of_batches(epochs, n=12, size=4, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 5, generator=g, dtype=DT), torch.randint(0, 4, (n,), generator=g)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for b in range(0, n, size):
+            ids = order[b:b + size]
+            yield epoch, ids, x[ids], y[ids]
+
+
+def kl_by_hand(now, target, tau):
+    """tau² · mean_i Σ_c p_c (log p_c − log q_c), p = softmax(target/tau), q = softmax(now/tau)."""
+    p, q = torch.softmax(target / tau, 1), torch.softmax(now / tau, 1)
+    return (p * (p.log() - q.log())).sum(1).mean() * tau ** 2
+
+
+def test_saf_matches_hand_written():
+    from sharpbench.optim import SAF
+    lmbda, tau, start_epoch, past = 0.5, 2.0, 1, 1
+    model = make_model()
+    opt = SAF(model.parameters(), torch.optim.SGD, lmbda=lmbda, tau=tau, kl_start_epoch=start_epoch,
+              past_epochs=past, **SGD_KW)
+    ws, sgd = start(model), RefSGD()
+    record = torch.zeros(past + 1, 12, 4, dtype=DT)
+    steps_with_kl = 0
+    for epoch, ids, x, y in epochs_of_batches(5):
+        w = [v.detach().clone().requires_grad_(True) for v in ws]
+        logits = forward(w, x)
+        loss = F.cross_entropy(logits, y)
+        total = loss
+        if epoch > start_epoch:
+            total = loss + lmbda * kl_by_hand(logits, record[(epoch - past) % (past + 1)][ids], tau)
+            steps_with_kl += 1
+        g = torch.autograd.grad(total, w)
+        record[epoch % (past + 1)][ids] = logits.detach().float().double()   # kept in float32
+        ws = sgd.step(ws, [gi.detach() for gi in g])
+        out = opt.step(closure_for(opt, model, x, y),
+                       context=trajectory_context(opt, model, x, y, ids, epoch, 12))
+        torch.testing.assert_close(out.detach(), loss.detach())   # the cross-entropy alone
+        assert_params(model, ws)
+    assert steps_with_kl == 9
+    torch.testing.assert_close(opt.method_state["record"].double(), record, rtol=0, atol=0)
+
+
+def test_mesa_matches_hand_written():
+    from sharpbench.optim import MESA
+    lmbda, tau, start_epoch, decay = 0.7, 3.0, 0, 0.9
+    model = make_model()
+    opt = MESA(model.parameters(), torch.optim.SGD, lmbda=lmbda, tau=tau, kl_start_epoch=start_epoch,
+               ema_decay=decay, **SGD_KW)
+    ws, sgd = start(model), RefSGD()
+    ema = [w.clone() for w in ws]
+    for epoch, ids, x, y in epochs_of_batches(3):
+        w = [v.detach().clone().requires_grad_(True) for v in ws]
+        logits = forward(w, x)
+        loss = F.cross_entropy(logits, y)
+        total = loss + lmbda * kl_by_hand(logits, forward(ema, x), tau) if epoch > start_epoch \
+            else loss
+        g = torch.autograd.grad(total, w)
+        ws = sgd.step(ws, [gi.detach() for gi in g])
+        ema = [decay * e + (1 - decay) * v for e, v in zip(ema, ws)]
+        opt.step(closure_for(opt, model, x, y),
+                 context=trajectory_context(opt, model, x, y, ids, epoch, 12))
+        assert_params(model, ws)
+    for p, e in zip(opt.teacher.parameters(), ema):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_trajectory_methods_resume_exactly_and_refuse_bad_keys(name):
+    from sharpbench.optim import MESA, SAF
+    cls = {"saf": SAF, "mesa": MESA}[name]
+    kw = dict(kl_start_epoch=0, **SGD_KW)
+    batches = list(epochs_of_batches(4))
+    a = make_model()
+    oa = cls(a.parameters(), torch.optim.SGD, **kw)
+    for epoch, ids, x, y in batches[:5]:
+        oa.step(closure_for(oa, a, x, y), context=trajectory_context(oa, a, x, y, ids, epoch, 12))
+    saved_model, saved_opt = copy.deepcopy(a.state_dict()), copy.deepcopy(oa.state_dict())
+    b = make_model(seed=9)
+    ob = cls(b.parameters(), torch.optim.SGD, **kw)
+    b.load_state_dict(saved_model)
+    ob.load_state_dict(saved_opt)
+    for epoch, ids, x, y in batches[5:]:
+        for o, m in ((oa, a), (ob, b)):
+            o.step(closure_for(o, m, x, y), context=trajectory_context(o, m, x, y, ids, epoch, 12))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for bad, match in ((dict(lmbda=-1.0), "lmbda"), (dict(tau=0.0), "tau"),
+                       (dict(kl_start_epoch=3, kl_end_epoch=2), "kl_end_epoch")):
+        with pytest.raises(ValueError, match=match):
+            cls(make_model().parameters(), torch.optim.SGD, **bad, **SGD_KW)
+    x, y = batches[0][2:]
+    with pytest.raises(ValueError, match="StepContext"):
+        oa.step(closure_for(oa, a, x, y))

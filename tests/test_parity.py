@@ -732,3 +732,87 @@ def test_esam_matches_dydjw9():
     dydjw9_esam(theirs, batches, 0.3, 0.6, 0.5, seed=4)
     assert any(drops) and not all(drops), drops          # SWP dropped tensors on some steps
     assert_same_model(ours_m, theirs)
+
+
+# ------------------------------------------------------------------------------ AngusDujw/SAF
+def epochs_with_ids(epochs=4, n=24, size=12, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 4, 4, generator=g, dtype=DT)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for b in range(0, n, size):
+            ids = order[b:b + size]
+            yield epoch, ids, x[ids], y[ids]
+
+
+def angusdujw_train(model, batches, reinforce, temperature, kl_start_epoch, minus_epoch=None,
+                    ema_decay=None, n=24):
+    """AngusDujw/SAF ``SAF_train.py`` (``minus_epoch`` given) or ``MESA_train.py`` (``ema_decay``
+    given, with timm's ``ModelEmaV2``: a deep copy in eval mode, ``ema·decay + (1 − decay)·w``
+    over the whole state_dict after every step) driven one step per batch. Their record of logits
+    is a float32 numpy array; its softmax is taken in float64 here, as sharpbench does with float64
+    logits (aligned). The model in train mode: its one forward updates BatchNorm."""
+    opt = torch.optim.SGD(model.parameters(), **SGD_KW)
+    train_logits = torch.zeros(n, (minus_epoch or 0) + 1, N_CLASSES, dtype=torch.float32)
+    ema = None
+    if ema_decay is not None:
+        ema = copy.deepcopy(model)
+        ema.eval()
+    model.train()
+    T = temperature
+    for epoch, indices, x, target in batches:
+        if ema is not None:
+            with torch.no_grad():
+                ema_output = ema(x)
+        output = model(x)
+        if minus_epoch is not None:
+            train_logits[indices, epoch % (minus_epoch + 1)] = output.detach().float()
+        loss = F.cross_entropy(output, target)
+        if epoch > kl_start_epoch:
+            if minus_epoch is not None:
+                past = train_logits[indices, (epoch - minus_epoch) % (minus_epoch + 1)].to(DT)
+            else:
+                past = ema_output
+            kl = F.kl_div(F.softmax(output / T, dim=1).log(), F.softmax(past / T, dim=1),
+                          reduction="none").sum(-1).mean() * (T ** 2)
+            loss = loss + kl * reinforce
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+                    e.copy_(ema_decay * e + (1. - ema_decay) * m)
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_saf_and_mesa_match_angusdujw(name):
+    from sharpbench.optim import MESA, SAF
+    from sharpbench.optim.context import StepContext
+    ours_m = make_model()
+    theirs = copy.deepcopy(ours_m)
+    batches = list(epochs_with_ids())
+    if name == "saf":
+        opt = SAF(ours_m.parameters(), torch.optim.SGD, lmbda=0.4, tau=2.0, kl_start_epoch=1,
+                  past_epochs=1, **SGD_KW)
+        their_kw = dict(minus_epoch=1)
+    else:
+        opt = MESA(ours_m.parameters(), torch.optim.SGD, lmbda=0.8, tau=3.0, kl_start_epoch=1,
+                   ema_decay=0.9, **SGD_KW)
+        their_kw = dict(ema_decay=0.9)
+    ours_m.train()
+    for epoch, ids, x, y in batches:
+        def closure_with(term, x=x, y=y, ids=ids):
+            def closure():
+                opt.zero_grad()
+                logits = ours_m(x)
+                extra = term(logits, x, ids)
+                loss = F.cross_entropy(logits, y)
+                (loss if extra is None else loss + extra).backward()
+                return loss
+            return closure
+        opt.step(lambda: None, context=StepContext(closure_with=closure_with, sample_ids=ids,
+                                                   dataset_size=24, epoch=epoch, model=ours_m))
+    angusdujw_train(theirs, batches, opt.lmbda, opt.tau, 1, **their_kw)
+    assert_same_model(ours_m, theirs)

@@ -161,6 +161,8 @@ def test_bench_options_are_checked():
                 ["precision=fp8"]):
         with pytest.raises(BenchConfigError):
             parse_options(bad)
+    with pytest.raises(BenchConfigError, match="saf its closure_with, dataset_size, epoch"):
+        parse_options(["driver_methods=sgd,saf"])     # the driver's own loop lacks SAF's fields
 
 
 def test_bench_help_and_bad_option_exit_codes(capsys):

@@ -188,6 +188,15 @@ class DeviceLoader:
             plan.update(dy=offsets[0, positions], dx=offsets[1, positions], flip=flips[positions])
         return {k: v.to(self.device, non_blocking=True) for k, v in plan.items()}
 
+    def sample_ids(self, epoch: int, batch: int) -> torch.Tensor:
+        """The dataset positions (into this loader's ``y``) of batch ``batch`` of ``epoch``, on the
+        device: what SAF keys its per-sample outputs by. From the epoch's plan (kept for the
+        epoch being served; recomputed, deterministically, for another)."""
+        cached = getattr(self, "_plan", None)
+        if cached is None or cached[0] != epoch:
+            cached = self._plan = (epoch, self.epoch_plan(epoch))
+        return cached[1]["index"][batch * self.batch_size:(batch + 1) * self.batch_size]
+
     def make_batch(self, plan: dict[str, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Build batch number ``batch`` of an epoch from its :meth:`epoch_plan`."""
         sl = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
@@ -210,6 +219,7 @@ class DeviceLoader:
         self._started = True
         epoch, start = self._epoch, self._yielded
         plan = self.epoch_plan(epoch)
+        self._plan = (epoch, plan)
         for b in range(start, self._num_batches):
             batch = self.make_batch(plan, b)
             self._yielded = b + 1

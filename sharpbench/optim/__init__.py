@@ -13,7 +13,9 @@ from .gsam import GSAM
 from .hatam import HATAM
 from .imbalanced import ImbSAM, split_loss, tail_class_mask
 from .looksam import LookSAM
+from .mesa import MESA
 from .msam import MSAM
+from .saf import SAF
 from .sam import SAM
 from .sparse import SSAMD, SSAMF, SparseSAM
 from .xsam import XSAM
@@ -30,6 +32,6 @@ def __getattr__(name: str):
 __all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "MethodInfo", "method", "methods",
            "register", "register_method", "first_pass_updates_bn",
            "frozen_bn_stats"]
-__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM", "ESAM"]
+__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM", "ESAM", "SAF", "MESA"]
 __all__ += ["FriendlySAM", "SSAMF", "SSAMD", "SparseSAM", "ImbSAM", "GSAM", "split_loss",
             "tail_class_mask"]

@@ -21,10 +21,11 @@ Inputs (set by the driver):
   ``"eval"``: plain cross-entropy with the model in eval mode.
 - ``sample(n)``: ``n`` un-augmented training samples ``(x, y)`` on the model's device, from a
   seeded stream (a Fisher estimate).
-- ``extra_pass(samples=None)``: a context manager a method enters around each pass it runs itself
-  (SSAM-F's Fisher passes), so that the driver counts it and a profiler can tell it apart; a pass
-  over ``samples`` samples counts as ``samples / batch size`` of a training pass (its FLOPs),
-  one without as a whole pass.
+- ``extra_pass(samples=None, forward_only=False)``: a context manager a method enters around each
+  pass it runs itself (SSAM-F's Fisher passes, MESA's teacher), so that the driver counts it and a
+  profiler can tell it apart; a pass over ``samples`` samples counts as ``samples / batch size``
+  of a training pass (its FLOPs), one without as a whole pass; a forward-only pass counts
+  ``FORWARD_SHARE`` of that.
 - ``closure_of(reduce)``: a closure like the step's own, except that its loss is
   ``reduce(per_sample_losses, targets)``.
 - ``batch_idx``: the batch's index within its epoch.
@@ -42,6 +43,14 @@ Inputs (set by the driver):
 - ``closure_on(index)``: a closure like the step's own over the samples ``index`` of the batch
   (a 1-D tensor of positions), counted as ``len(index) / batch`` of a pass, BatchNorm running
   statistics as in a later pass (ESAM's pass over the samples it selects).
+- ``closure_with(term)``: a closure like the step's own whose loss is the training loss plus
+  ``term(logits, x, ids)``: the pass's logits (with graph), its inputs and its samples' dataset
+  positions (``sample_ids`` of those samples); a trajectory loss (SAF, MESA). Called under the
+  step's autocast.
+- ``sample_ids``: the dataset positions of the batch's samples (a 1-D tensor on the device;
+  ``dataset_size`` of them in all): SAF keys its record of past outputs by them.
+- ``dataset_size``: the number of training samples ``sample_ids`` index into.
+- ``epoch``: the epoch this step belongs to (0-based).
 - ``class_counts``: training images per class (a 1-D tensor).
 - ``grad_reducer(grads)``: averages gradients across devices in place; called before the base
   step, and before the perturbation too if ``reduce_perturbation_grads`` (by default each device
@@ -86,13 +95,17 @@ class StepContext:
     model: nn.Module | None = None
     loss_closure: LossClosure | None = None
     sample: Callable[[int], tuple[Tensor, Tensor]] | None = None
-    extra_pass: Callable[[], AbstractContextManager] = nullcontext
+    extra_pass: Callable[..., AbstractContextManager] = field(default=lambda *a, **k: nullcontext())
     closure_of: Callable[[Reduce], Callable[[], Tensor]] | None = None
     batch_idx: int | None = None
     chunk_closures: Callable[[int], list[Callable[[], Tensor]]] | None = None
     micro_batch: int | None = None
     per_sample_losses: Callable[[], Tensor] | None = None
     closure_on: Callable[[Tensor], Callable[[], Tensor]] | None = None
+    closure_with: Callable[[Callable[[Tensor, Tensor, Tensor], Tensor]], Callable[[], Tensor]] | None = None
+    sample_ids: Tensor | None = None
+    dataset_size: int | None = None
+    epoch: int | None = None
     class_counts: Tensor | None = None
     grad_reducer: Callable[[list[Tensor]], None] | None = None
     reduce_perturbation_grads: bool = False

@@ -44,7 +44,8 @@ ENV_VAR = "SHARPBENCH_METHODS"
 # What a step may offer a method (the fields of sharpbench.optim.context.StepContext a method may
 # declare in ``needs``); a declaration outside this list is refused at registration.
 STEP_NEEDS = ("loss_closure", "sample", "closure_of", "batch_idx", "class_counts", "model",
-              "per_sample_losses", "closure_on")
+              "per_sample_losses", "closure_on", "closure_with", "sample_ids", "dataset_size",
+              "epoch")
 
 T = TypeVar("T")
 

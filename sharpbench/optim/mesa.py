@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .base import SharpnessAwareOptimizer, require_closure
 from .context import StepContext
 from .registry import register_method
-from .saf import check_trajectory_keys, end_key, kl_active, lambda_key, start_key, tau_key, \
-    trajectory_kl
+from .saf import (check_trajectory_keys, context_fields, end_key, kl_active, lambda_key,
+                  start_key, tau_key, trajectory_kl)
 from .step_config import SGDStep
 from ..typed_config import key
 
@@ -108,13 +108,9 @@ class MESA(SharpnessAwareOptimizer):
     @torch.no_grad()
     def sharpness_step(self, closure=None, context: StepContext | None = None) -> Tensor:
         require_closure(closure, type(self).__name__)
-        example = "closure_with=..., epoch=..., model=model"
-        if context is None:
-            raise ValueError(f"MESA.step() needs a StepContext({example}); the Lightning module "
-                             "gives one")
-        closure_with = context.require("closure_with", "MESA", example)
-        epoch = context.require("epoch", "MESA", example)
-        teacher = self.teacher_of(context.require("model", "MESA", example))
+        closure_with, epoch, model = context_fields(context, "MESA",
+                                                    ("closure_with", "epoch", "model"))
+        teacher = self.teacher_of(model)
         active = kl_active(epoch, self.kl_start_epoch, self.kl_end_epoch)
 
         def term(logits: Tensor, x: Tensor, ids: Tensor) -> Tensor | None:

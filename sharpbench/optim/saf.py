@@ -134,14 +134,8 @@ class SAF(SharpnessAwareOptimizer):
     @torch.no_grad()
     def sharpness_step(self, closure=None, context: StepContext | None = None) -> Tensor:
         require_closure(closure, type(self).__name__)
-        example = "closure_with=..., sample_ids=..., dataset_size=..., epoch=..."
-        if context is None:
-            raise ValueError(f"SAF.step() needs a StepContext({example}); the Lightning module "
-                             "gives one")
-        closure_with = context.require("closure_with", "SAF", example)
-        n = context.require("dataset_size", "SAF", example)
-        epoch = context.require("epoch", "SAF", example)
-        context.require("sample_ids", "SAF", example)
+        closure_with, n, epoch, _ = context_fields(
+            context, "SAF", ("closure_with", "dataset_size", "epoch", "sample_ids"))
         active = kl_active(epoch, self.kl_start_epoch, self.kl_end_epoch)
         now, past = epoch % (self.past_epochs + 1), (epoch - self.past_epochs) % (self.past_epochs + 1)
 
@@ -157,6 +151,16 @@ class SAF(SharpnessAwareOptimizer):
         loss = self.call_closure(closure_with(term))
         self.base_step(context)
         return loss
+
+
+def context_fields(context: StepContext | None, method: str, names: tuple[str, ...]) -> list:
+    """The step-context fields ``names`` a trajectory method reads, or an error saying how to
+    pass them."""
+    example = ", ".join(f"{name}=..." for name in names)
+    if context is None:
+        raise ValueError(f"{method}.step() needs a StepContext({example}); the Lightning module "
+                         "gives one")
+    return [context.require(name, method, example) for name in names]
 
 
 def check_trajectory_keys(lmbda: float, tau: float, start: int, end: Optional[int]) -> None:

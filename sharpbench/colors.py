@@ -29,6 +29,8 @@ METHOD_COLORS = {
     "esam": "#e6550d",         # dark orange
     "saf": "#31a354",          # mid green
     "mesa": "#756bb1",         # slate purple
+    "eg_sam": "#3182bd",       # steel blue
+    "og_sam": "#9ecae1",       # light blue
     "adam": "#ad494a",
     "adamw": "#843c39",
     "rmsprop": "#7b4173",

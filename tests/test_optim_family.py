@@ -822,3 +822,61 @@ def test_trajectory_methods_resume_exactly_and_refuse_bad_keys(name):
     x, y = batches[0][2:]
     with pytest.raises(ValueError, match="StepContext"):
         oa.step(closure_for(oa, a, x, y))
+
+
+# ------------------------------------------------------------------------------ EG-SAM, OG-SAM
+@pytest.mark.parametrize("lookahead_lr", [None, 0.03, 0.0])
+def test_eg_sam_matches_hand_written(lookahead_lr):
+    """w̃ = w + (rho/||g|| − eta)·g, eta the lr unless set; the step with ∇L(w̃); eta = 0 is SAM."""
+    from sharpbench.optim import EGSAM
+    rho = 0.2
+    eta = LR if lookahead_lr is None else lookahead_lr
+    model, batches = make_model(), make_batches(n=5)
+    opt = EGSAM(model.parameters(), torch.optim.SGD, rho=rho, lookahead_lr=lookahead_lr, **SGD_KW)
+    ws, sgd = start(model), RefSGD()
+    for x, y in batches:
+        g, loss_w = grad_of(ws, x, y)
+        scale = rho / (norm(g) + 1e-12) - eta
+        g_t, _ = grad_of([w + scale * gi for w, gi in zip(ws, g)], x, y)
+        ws = sgd.step(ws, g_t)
+        loss = opt.step(closure_for(opt, model, x, y))
+        torch.testing.assert_close(loss.detach(), loss_w)
+        assert_params(model, ws)
+
+
+def test_og_sam_matches_hand_written_and_resumes():
+    """One pass: w̃_t = w_t + (rho/||ĝ_{t−1}|| − lr)·ĝ_{t−1} (w̃_0 = w_0), ĝ_t = ∇L(w̃_t) is the
+    step's gradient and the next extrapolation's."""
+    from sharpbench.optim import OGSAM
+    from sharpbench.optim.context import StepContext
+    rho = 0.2
+    model, batches = make_model(), make_batches(n=6)
+    opt = OGSAM(model.parameters(), torch.optim.SGD, rho=rho, **SGD_KW)
+    ws, sgd, prev = start(model), RefSGD(), None
+    for t, (x, y) in enumerate(batches):
+        if prev is None:
+            w_t = ws
+        else:
+            scale = rho / (norm(prev) + 1e-12) - LR
+            w_t = [w + scale * gi for w, gi in zip(ws, prev)]
+        g_t, loss_t = grad_of(w_t, x, y)
+        ws, prev = sgd.step(ws, g_t), g_t
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        ctx = StepContext()
+        loss = opt.step(closure, context=ctx)
+        assert calls[0] == 1 and ctx.loss_is_perturbed == (t > 0)
+        torch.testing.assert_close(loss.detach(), loss_t)
+        assert_params(model, ws)
+        if t == 2:                              # resume from a state_dict mid-run
+            saved_m, saved_o = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+            model = make_model(seed=4)
+            opt = OGSAM(model.parameters(), torch.optim.SGD, rho=rho, **SGD_KW)
+            model.load_state_dict(saved_m)
+            opt.load_state_dict(saved_o)

@@ -387,7 +387,7 @@ def test_sweep_experiments_apply_the_recipe_to_every_method(compose_cfg, experim
         # MSAM 3)
         own = optimizer_config(opt.name).get("rho")
         expected_rho = float(job.get("optimizer.rho", 0.05 if experiment == "table1" else own or 0))
-        if opt.name in ("sgd", "hatam"):
+        if own is None:                 # no radius: SGD, HATAM, SAF, MESA
             assert opt.get("rho") is None
         else:
             assert opt.rho == expected_rho, (job, opt.rho)

@@ -61,7 +61,7 @@ def test_mixed_precision_trains(compose_cfg, tmp_path, precision):
     assert losses[-4:].mean() < losses[:4].mean()
 
 
-CHEAP = [("looksam",), ("msam",), ("esam",), ("saf", "optimizer.kl_start_epoch=0"),
+CHEAP = [("looksam",), ("msam",), ("esam",), ("eg_sam",), ("og_sam",), ("saf", "optimizer.kl_start_epoch=0"),
          ("mesa", "optimizer.kl_start_epoch=0"), ("sam", "optimizer.sam_every=3"),
          ("sam", "optimizer.sam_prob=0.5"), ("sam", "optimizer.m=8"),
          ("sam", "trainer.micro_batches=4"), ("sgd", "trainer.micro_batches=2")]

@@ -6,6 +6,7 @@ Every method: ``Cls(params, base_optimizer=<optimizer class>, <method hyperparam
 from .a2sam import A2SAM
 from .asam import ASAM
 from .base import SharpnessAwareOptimizer
+from .eg_sam import EGSAM
 from .esam import ESAM
 from .bn import first_pass_updates_bn, frozen_bn_stats
 from .friendly import FriendlySAM
@@ -15,6 +16,7 @@ from .imbalanced import ImbSAM, split_loss, tail_class_mask
 from .looksam import LookSAM
 from .mesa import MESA
 from .msam import MSAM
+from .og_sam import OGSAM
 from .saf import SAF
 from .sam import SAM
 from .sparse import SSAMD, SSAMF, SparseSAM
@@ -32,6 +34,6 @@ def __getattr__(name: str):
 __all__ = ["SAM", "ASAM", "SharpnessAwareOptimizer", "METHODS", "MethodInfo", "method", "methods",
            "register", "register_method", "first_pass_updates_bn",
            "frozen_bn_stats"]
-__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM", "ESAM", "SAF", "MESA"]
+__all__ += ["A2SAM", "XSAM", "HATAM", "LookSAM", "MSAM", "ESAM", "SAF", "MESA", "EGSAM", "OGSAM"]
 __all__ += ["FriendlySAM", "SSAMF", "SSAMD", "SparseSAM", "ImbSAM", "GSAM", "split_loss",
             "tail_class_mask"]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, global_grad_norm
 from .registry import register_method
-from .step_config import SGDStep, bn_policy_key, rho_key
+from .step_config import ScheduleKeys, SGDStep, bn_policy_key, rho_key
 from ..typed_config import key
 
 PAPER = ('Yu, Zhang & Kwok, "Improving Sharpness-Aware Minimization by Lookahead", ICML 2024')
@@ -22,12 +22,17 @@ def lookahead_key() -> object:
 
 
 @dataclass
-class EGSAMConfig(SGDStep):
+class LookaheadConfig(SGDStep):
     """Yu, Zhang & Kwok, ICML 2024: rho 0.05 (SAM's CIFAR-10 value; the source of the rule gives
-    none), the lookahead step eta = the learning rate."""
+    none), the lookahead step eta = the learning rate (EG-SAM's and OG-SAM's keys)."""
     rho: float = rho_key(0.05)
     lookahead_lr: Optional[float] = lookahead_key()
     bn_policy: str = bn_policy_key()
+
+
+@dataclass
+class EGSAMConfig(LookaheadConfig, ScheduleKeys):
+    """EG-SAM: the lookahead keys and, as every two-pass method, sam_every / sam_prob."""
 
 
 def lookahead_perturbation(opt: SharpnessAwareOptimizer, grads: list[Tensor],

@@ -6,11 +6,11 @@ from torch import Tensor
 
 from .base import SharpnessAwareOptimizer, check_positive, require_closure
 from .context import StepContext
-from .eg_sam import PAPER, EGSAMConfig, lookahead_perturbation
+from .eg_sam import PAPER, LookaheadConfig, lookahead_perturbation
 from .registry import register_method
 
 
-@register_method("og_sam", label="OG-SAM", passes=1, order=126, config=EGSAMConfig,
+@register_method("og_sam", label="OG-SAM", passes=1, order=126, config=LookaheadConfig,
                  claimed_cost="1 (one gradient per step)", paper=PAPER)
 class OGSAM(SharpnessAwareOptimizer):
     """OG-SAM (Yu, Zhang & Kwok, "Improving Sharpness-Aware Minimization by Lookahead", ICML
